@@ -1,0 +1,50 @@
+"""Choice of implementation for the ops in `memjax.ops`.
+
+Every op has up to three implementations behind one signature:
+
+* ``"reference"`` — a step-by-step ``lax.scan`` that reads like the paper's equation;
+* ``"xla"`` — the chunkwise-parallel (matmul) form, compiled by XLA;
+* ``"pallas"`` — a Pallas kernel, where one exists for the platform.
+
+``implementation=None`` picks the fastest one registered for the op, in the order of
+`PREFERENCE`. Asking for an implementation the op does not have is a `ValueError`.
+"""
+
+from typing import Callable, Mapping, Optional
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
+# Fastest first: what `implementation=None` tries, in order.
+PREFERENCE = ("pallas", "xla", "reference")
+
+
+def choose(
+    op_name: str,
+    implementation: Optional[str],
+    available: Mapping[str, Callable],
+) -> Callable:
+  """Returns the function implementing `op_name` for the requested implementation.
+
+  Args:
+    op_name: name of the op, used in error messages.
+    implementation: one of `IMPLEMENTATIONS`, or None for the fastest available.
+    available: the implementations this op has, by name.
+
+  Returns:
+    The chosen implementation's function.
+
+  Raises:
+    ValueError: if `implementation` is unknown or not available for this op.
+  """
+  if implementation is None:
+    for name in PREFERENCE:
+      if name in available:
+        return available[name]
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"{op_name}: implementation must be one of {IMPLEMENTATIONS} or None, got "
+        f"{implementation!r}")
+  if implementation not in available:
+    raise ValueError(
+        f"{op_name}: implementation={implementation!r} is not available; this op has "
+        f"{tuple(n for n in IMPLEMENTATIONS if n in available)}")
+  return available[implementation]
