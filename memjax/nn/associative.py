@@ -1,0 +1,170 @@
+"""Associative-memory token mixers: LinearAttention, DeltaNet and GatedDeltaNet.
+
+All three share the Gated DeltaNet paper's layer (arXiv 2412.06464, §3): q/k/v
+projections, a causal depthwise short convolution with SiLU on each, L2-normalised q and k,
+`beta = sigmoid(W_beta x)`, the Mamba2-style decay `g = -exp(A_log) * softplus(W_a x +
+dt_bias)`, a per-head RMSNorm gated by `silu(W_gate x)`, and an output projection. They
+differ only in the memory rule they call:
+
+* `LinearAttention`: `S_t = S_{t-1} + k_t v_t^T` (with `use_decay=True`: gated linear attention);
+* `DeltaNet`: the delta rule (`beta`, no decay);
+* `GatedDeltaNet`: the gated delta rule (`beta` and decay).
+
+State is explicit: `y, state = layer.apply(params, x, state)`, where the state holds the
+short-convolution windows and the float32 memory [B, H, K, V].
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memjax import ops
+from memjax.nn.conv import ShortConvolution
+from memjax.nn.norms import GatedRMSNorm
+from memjax.nn.norms import l2_normalize
+
+
+class AssociativeMemoryState(NamedTuple):
+  """Recurrent state of an associative-memory mixer.
+
+  Attributes:
+    conv_q, conv_k: last inputs of the q and k convolutions [B, conv_size - 1, H * K].
+    conv_v: last inputs of the v convolution [B, conv_size - 1, H * V].
+    memory: the associative memory [B, H, K, V], float32.
+  """
+  conv_q: jax.Array
+  conv_k: jax.Array
+  conv_v: jax.Array
+  memory: jax.Array
+
+
+def _decay_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1):
+  """Initialises dt_bias so that softplus(dt_bias) is log-uniform in [dt_min, dt_max]."""
+
+  def init(key, shape, dtype=jnp.float32):
+    log_dt = jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
+    dt = jnp.exp(log_dt)
+    return dt + jnp.log(-jnp.expm1(-dt))  # The inverse of softplus.
+
+  return init
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+  """A uniform in [1, 16], as in Mamba2 and Gated DeltaNet; stored as log A."""
+  return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+
+
+class AssociativeMemory(nn.Module):
+  """Multi-head associative-memory mixer; see the module docstring.
+
+  Attributes:
+    num_heads: number of heads H.
+    head_dim: key dim K of each head.
+    expand_v: value dim V = head_dim * expand_v.
+    use_beta: write with the delta rule's strength beta (DeltaNet family) instead of a plain
+      outer product (linear attention).
+    use_decay: apply the data-dependent log-decay g (gated variants).
+    conv_size: width of the short convolutions; 0 turns them off.
+    chunk_size: chunk length of the chunkwise form.
+    implementation: passed to `memjax.ops` ("reference", "xla", "pallas" or None).
+  """
+  num_heads: int = 4
+  head_dim: int = 64
+  expand_v: float = 1.0
+  use_beta: bool = True
+  use_decay: bool = True
+  conv_size: int = 4
+  chunk_size: int = 64
+  implementation: Optional[str] = None
+
+  @property
+  def value_dim(self) -> int:
+    return int(self.head_dim * self.expand_v)
+
+  def init_state(self, batch_size: int) -> AssociativeMemoryState:
+    """The state at the start of a sequence: zeros, [batch_size, ...] (see the state type)."""
+    h, k, v = self.num_heads, self.head_dim, self.value_dim
+    window = max(self.conv_size - 1, 0)
+    zeros = lambda c: jnp.zeros((batch_size, window, c), jnp.float32)
+    return AssociativeMemoryState(
+        conv_q=zeros(h * k), conv_k=zeros(h * k), conv_v=zeros(h * v),
+        memory=jnp.zeros((batch_size, h, k, v), jnp.float32))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, state: Optional[AssociativeMemoryState] = None):
+    """Mixes a sequence; a single token (T = 1) takes the one-token step of the memory rule.
+
+    Args:
+      x: inputs [B, T, D].
+      state: the state after the previous tokens; `init_state(B)` when None.
+
+    Returns:
+      `(y, state)`: outputs [B, T, D] and the state after the last token.
+    """
+    b, t, d = x.shape
+    h, k, v = self.num_heads, self.head_dim, self.value_dim
+    if state is None:
+      state = self.init_state(b)
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
+    q, kk, vv = dense(h * k, "q_proj")(x), dense(h * k, "k_proj")(x), dense(h * v, "v_proj")(x)
+    conv_q, conv_k, conv_v = state.conv_q, state.conv_k, state.conv_v
+    if self.conv_size > 0:
+      q, conv_q = ShortConvolution(self.conv_size, name="q_conv")(q, conv_q)
+      kk, conv_k = ShortConvolution(self.conv_size, name="k_conv")(kk, conv_k)
+      vv, conv_v = ShortConvolution(self.conv_size, name="v_conv")(vv, conv_v)
+    q = l2_normalize(q.reshape(b, t, h, k))
+    kk = l2_normalize(kk.reshape(b, t, h, k))
+    vv = vv.reshape(b, t, h, v)
+    beta = None
+    if self.use_beta:
+      beta = jax.nn.sigmoid(dense(h, "beta_proj")(x).astype(jnp.float32))
+    g = None
+    if self.use_decay:
+      a_log = self.param("A_log", _a_log_init, (h,))
+      dt_bias = self.param("dt_bias", _decay_bias_init(), (h,))
+      g = -jnp.exp(a_log) * jax.nn.softplus(dense(h, "a_proj")(x).astype(jnp.float32) + dt_bias)
+
+    o, memory = self._memory(q, kk, vv, beta, g, state.memory)
+    gate = dense(h * v, "gate_proj")(x).reshape(b, t, h, v)
+    y = GatedRMSNorm(name="out_norm")(o, gate).reshape(b, t, h * v)
+    y = dense(d, "out_proj")(y)
+    return y, AssociativeMemoryState(conv_q, conv_k, conv_v, memory)
+
+  def _memory(self, q, k, v, beta, g, memory):
+    """Runs the memory rule: [B, T, H, *] inputs -> (o [B, T, H, V], memory [B, H, K, V])."""
+    if q.shape[1] == 1:
+      # Decoding: the one-token step avoids padding a whole chunk.
+      first = lambda x: None if x is None else x[:, 0]
+      if self.use_beta:
+        o, memory = ops.delta_rule_step(first(q), first(k), first(v), first(beta), first(g),
+                                        state=memory)
+      else:
+        o, memory = ops.linear_attention_step(first(q), first(k), first(v), first(g),
+                                              state=memory)
+      return o[:, None], memory
+    common = dict(initial_state=memory, return_final_state=True,
+                  chunk_size=self.chunk_size, implementation=self.implementation)
+    if self.use_beta:
+      return ops.delta_rule(q, k, v, beta, g, **common)
+    return ops.linear_attention(q, k, v, g, **common)
+
+
+class LinearAttention(AssociativeMemory):
+  """Linear attention mixer (no write strength, no decay unless `use_decay=True`)."""
+  use_beta: bool = False
+  use_decay: bool = False
+
+
+class DeltaNet(AssociativeMemory):
+  """DeltaNet mixer: the delta rule, no decay."""
+  use_beta: bool = True
+  use_decay: bool = False
+
+
+class GatedDeltaNet(AssociativeMemory):
+  """Gated DeltaNet mixer: the gated delta rule."""
+  use_beta: bool = True
+  use_decay: bool = True

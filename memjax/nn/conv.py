@@ -1,0 +1,44 @@
+"""Causal depthwise short convolution with an explicit state, for the memory mixers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ShortConvolution(nn.Module):
+  """Causal depthwise 1-D convolution over time followed by SiLU.
+
+  Each channel sees its own last `kernel_size` inputs. The state holds the last
+  `kernel_size - 1` inputs, so a sequence run in pieces (or token by token) gives the same
+  outputs as the whole sequence.
+
+  Attributes:
+    kernel_size: width of the convolution window (4 in the Gated DeltaNet paper).
+  """
+  kernel_size: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, state: jax.Array):
+    """Convolves a sequence.
+
+    Args:
+      x: inputs [B, T, C].
+      state: the previous `kernel_size - 1` inputs [B, kernel_size - 1, C] (zeros at the
+        start of a sequence).
+
+    Returns:
+      `(y, state)`: outputs [B, T, C] and the new state [B, kernel_size - 1, C].
+    """
+    width = self.kernel_size
+    channels = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1),
+                         (width, channels), jnp.float32)
+    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
+    length = x.shape[1]
+    # The window is short, so a sum of shifted slices is cheaper than a general conv.
+    y = sum(padded[:, i:i + length] * kernel[i].astype(x.dtype) for i in range(width))
+    return jax.nn.silu(y), padded[:, length:]
+
+  def init_state(self, batch_size: int, channels: int, dtype=jnp.float32) -> jax.Array:
+    """Zeros [batch_size, kernel_size - 1, channels]."""
+    return jnp.zeros((batch_size, self.kernel_size - 1, channels), dtype)
