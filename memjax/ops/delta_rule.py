@@ -73,21 +73,20 @@ def _reference(q, k, v, beta, g, scale, state, chunk_size):
 
 
 def _xla(q, k, v, beta, g, scale, state, chunk_size):
-  length, dv = q.shape[1], v.shape[-1]
+  length = q.shape[1]
   precision = chunking.matmul_precision(v.dtype)
   qc, kc, vc = (chunking.to_chunks(x.astype(jnp.float32), chunk_size) for x in (q, k, v))
   bc = chunking.to_chunks(beta.astype(jnp.float32), chunk_size)
   gc = None if g is None else chunking.to_chunks(g, chunk_size)
   gamma, causal = chunking.decays(gc, chunk_size, qc)
 
-  # UT transform: one triangular solve gives both U_pre and W (module docstring).
+  # UT transform: one inverse of the unit lower-triangular I + L gives U_pre and W.
   strictly_causal = causal * (1.0 - jnp.eye(chunk_size, dtype=causal.dtype))
   kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc, precision=precision)
-  lower = bc[..., :, None] * kk * strictly_causal
-  rhs = bc[..., None] * jnp.concatenate([vc, jnp.exp(gamma)[..., None] * kc], axis=-1)
-  solved = lax.linalg.triangular_solve(
-      lower, rhs, left_side=True, lower=True, unit_diagonal=True)
-  u_pre, w = solved[..., :dv], solved[..., dv:]
+  inverse = chunking.invert_unit_lower(bc[..., :, None] * kk * strictly_causal)
+  u_pre = jnp.einsum("bhnij,bhnjv->bhniv", inverse, bc[..., None] * vc, precision=precision)
+  w = jnp.einsum("bhnij,bhnjk->bhnik", inverse, (bc * jnp.exp(gamma))[..., None] * kc,
+                 precision=precision)
 
   q_decayed = qc * jnp.exp(gamma)[..., None]
   k_decayed = kc * jnp.exp(gamma[..., -1:] - gamma)[..., None]
