@@ -1,0 +1,47 @@
+"""Shared test helpers: fresh random inputs and dtype-keyed tolerances."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# Relative tolerances by input dtype (DESIGN.md: fp32 ~1e-5, bf16 ~1e-2).
+RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# Gradients go through a triangular solve and a long scan; fp32 rounding adds up more.
+GRAD_RTOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def key():
+  """A fresh PRNG key per test (and per call of the fixture's users), never zeros."""
+  return jax.random.key(np.random.SeedSequence().generate_state(1)[0] + next(_counter))
+
+
+def relative_error(x, ref) -> float:
+  """‖x - ref‖ / ‖ref‖ in float64."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def assert_close(x, ref, rtol, what=""):
+  assert np.all(np.isfinite(np.asarray(x, np.float64))), f"{what}: non-finite values"
+  err = relative_error(x, ref)
+  assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.1e}"
+
+
+def memory_inputs(key, b, t, h, dk, dv, dtype=jnp.float32, gated=True):
+  """Random q, k (unit norm), v, beta in (0, 1), g < 0 and a float32 initial state."""
+  ks = jax.random.split(key, 6)
+  q = jax.random.normal(ks[0], (b, t, h, dk))
+  k = jax.random.normal(ks[1], (b, t, h, dk))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(ks[2], (b, t, h, dv))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
+  g = -jax.nn.softplus(jax.random.normal(ks[4], (b, t, h)) - 1.0) if gated else None
+  s0 = 0.5 * jax.random.normal(ks[5], (b, h, dk, dv))
+  cast = lambda x: None if x is None else x.astype(dtype)
+  return dict(q=cast(q), k=cast(k), v=cast(v), beta=cast(beta), g=cast(g), initial_state=s0)
