@@ -1,0 +1,1 @@
+"""Pallas kernels of memjax, importable as `memjax.kernels` (see setup.cfg package_dir)."""
