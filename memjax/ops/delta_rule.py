@@ -93,14 +93,15 @@ def _xla(q, k, v, beta, g, scale, state, chunk_size):
   chunk_decay = jnp.exp(gamma[..., -1])
 
   def step(s, x):
-    u_p, w_c, q_d, k_d, decay = x
+    u_p, w_c, k_d, decay = x
     u = u_p - jnp.einsum("bhik,bhkv->bhiv", w_c, s, precision=precision)
-    o_inter = jnp.einsum("bhik,bhkv->bhiv", q_d, s, precision=precision)
-    s = decay[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_d, u, precision=precision)
-    return s, (o_inter, u)
+    s_next = decay[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_d, u,
+                                                     precision=precision)
+    return s_next, (s, u)
 
-  final, (inter, u) = chunking.scan_chunks(
-      step, state, (u_pre, w, q_decayed, k_decayed, chunk_decay))
+  # Only the state recurrence is sequential; the outputs are one batched matmul after it.
+  final, (starts, u) = chunking.scan_chunks(step, state, (u_pre, w, k_decayed, chunk_decay))
+  inter = jnp.einsum("bhnik,bhnkv->bhniv", q_decayed, starts, precision=precision)
   scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, precision=precision) * causal
   intra = jnp.einsum("bhnij,bhnjv->bhniv", scores, u, precision=precision)
   return chunking.from_chunks(scale * (inter + intra), length), final

@@ -67,12 +67,14 @@ def _xla(q, k, v, g, scale, state, chunk_size):
   chunk_decay = jnp.exp(gamma[..., -1])
 
   def step(s, x):
-    q_d, k_d, v_c, decay = x
-    o_inter = jnp.einsum("bhik,bhkv->bhiv", q_d, s, precision=precision)
-    s = decay[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_d, v_c, precision=precision)
-    return s, o_inter
+    k_d, v_c, decay = x
+    s_next = decay[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_d, v_c,
+                                                     precision=precision)
+    return s_next, s
 
-  final, inter = chunking.scan_chunks(step, state, (q_decayed, k_decayed, vc, chunk_decay))
+  # Only the state recurrence is sequential; the outputs are one batched matmul after it.
+  final, starts = chunking.scan_chunks(step, state, (k_decayed, vc, chunk_decay))
+  inter = jnp.einsum("bhnik,bhnkv->bhniv", q_decayed, starts, precision=precision)
   return chunking.from_chunks(scale * (inter + intra), length), final
 
 

@@ -1,0 +1,44 @@
+r"""Trains and evaluates a memjax DecoderLM; see experiments/configs/mqar.py.
+
+  python experiments/train.py --config=experiments/configs/mqar.py:tiny \
+      --workdir=/tmp/memjax/tiny
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# Lets `python experiments/train.py` run from a checkout without an install.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memjax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mqar.py"),
+    "Config file, optionally with `:variant`.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "/tmp/memjax/mqar", "Where checkpoints and metrics go."
+)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # The progress lines are printed; orbax logs every save at INFO, which
+    # would bury them. --verbosity=0 brings the INFO logs back.
+    logging.set_verbosity(logging.WARNING)
+  final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(f"final metrics: {json.dumps(final, sort_keys=True)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,203 @@
+"""The training loop: data, model, state, steps, evaluation, checkpoints, metrics."""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from memjax import data
+from memjax.models import DecoderLM
+from memjax.train import optim
+from memjax.train import steps
+from memjax.train.checkpoint import Checkpointer
+from memjax.train.metrics import MetricWriter
+from memjax.train.state import create_train_state
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+  """Trains a DecoderLM on MQAR and evaluates it on the held-out split.
+
+  Resumes from the newest checkpoint in `<workdir>/checkpoints` if there is one.
+  Batch `i` is `train_ds[i]` and nothing else draws random numbers on the host,
+  so a resumed run continues bit for bit as if it had not stopped.
+
+  Args:
+    config: A ConfigDict with sections `model` (DecoderLM's fields), `data`
+      (MqarTask's fields, `num_train`, `num_test`, `data_seed`, `source`,
+      `data_dir`) and `train`; see experiments/configs/mqar.py.
+    workdir: Directory for config.json, metrics.jsonl, TensorBoard event files,
+      checkpoints and (for `source="tfds"` without `data_dir`) the dataset.
+
+  Returns:
+    The final metrics: "eval/loss", "eval/accuracy" (held-out accuracy: correct
+    query predictions / number of queries) and, if any step ran in this call,
+    the last logged "train/..." values.
+  """
+  tc = config.train
+  if config.model.vocab_size < config.data.vocab_size:
+    raise ValueError(
+        f"model.vocab_size={config.model.vocab_size} cannot embed the task's "
+        f"tokens: data.vocab_size={config.data.vocab_size}."
+    )
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  train_source, test_source = _sources(config.data, workdir)
+  train_ds = data.batched_dataset(
+      train_source, tc.batch_size, seed=tc.seed, shuffle=True
+  )
+  model = DecoderLM(**config.model)
+  optimizer = optim.make_optimizer(tc)
+  schedule = optim.learning_rate_schedule(tc)
+  state = create_train_state(
+      model, optimizer, jax.random.key(tc.seed), train_ds[0]
+  )
+  checkpointer = Checkpointer(
+      os.path.join(workdir, CHECKPOINT_DIR),
+      save_every=tc.checkpoint_every,
+      keep=tc.keep_checkpoints,
+  )
+  state = checkpointer.restore(state)
+  train_step = steps.make_train_step(model, optimizer)
+  run_eval = functools.partial(
+      evaluate,
+      steps.make_eval_step(model),
+      batches=data.eval_batches(test_source, tc.batch_size),
+  )
+  writer = MetricWriter(workdir)
+
+  start = int(state.step)
+  final: dict[str, float] = {}
+  if start:
+    print(f"resumed from step {start} in {workdir}", flush=True)
+  window: list[Mapping[str, jax.Array]] = []
+  window_start = time.perf_counter()
+  run_start = window_start
+  for step in range(start, tc.num_steps):
+    batch = train_ds[step]
+    state, metrics = train_step(state, batch)
+    window.append(metrics)
+    done = step + 1
+    if done % tc.log_every == 0 or done == tc.num_steps:
+      # Summing the window waits for its last step, so the clock is honest.
+      train = _train_summary(window, float(schedule(step)))
+      now = time.perf_counter()
+      tokens_per_s = len(window) * batch["inputs"].size / (now - window_start)
+      print(
+          f"step {done}/{tc.num_steps}  loss {train['train/loss']:.4f}  "
+          f"accuracy {train['train/accuracy']:.4f}  "
+          f"{tokens_per_s:,.0f} tokens/s  {now - run_start:.1f} s",
+          flush=True,
+      )
+      writer.write(done, {**train, "train/tokens_per_s": tokens_per_s})
+      final.update(train)
+      window, window_start = [], time.perf_counter()
+    if done % tc.eval_every == 0 and done != tc.num_steps:
+      eval_start = time.perf_counter()
+      _report_eval(writer, done, run_eval(state.params))
+      # Evaluation time is not training time: keep it out of tokens/s.
+      window_start += time.perf_counter() - eval_start
+    checkpointer.save(state, step=done)
+
+  checkpointer.save(state, step=tc.num_steps, force=True)
+  final.update(_report_eval(writer, tc.num_steps, run_eval(state.params)))
+  checkpointer.close()
+  writer.close()
+  print(f"final held-out accuracy: {final['eval/accuracy']:.4f}", flush=True)
+  return final
+
+
+def evaluate(
+    eval_step: Callable[[Any, Mapping[str, Any]], Mapping[str, jax.Array]],
+    params: Any,
+    *,
+    batches: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, float]:
+  """Evaluates `params` on every example of a split, aggregating exactly.
+
+  Args:
+    eval_step: `eval_step(params, batch)` returning summed token metrics.
+    params: The model parameters.
+    batches: One in-order pass over the split (re-iterable, e.g.
+      `memjax.data.eval_batches`): dicts with "inputs" and "labels", int32
+      [B, T]; padding rows must be labelled IGNORE_INDEX only.
+
+  Returns:
+    "loss" and "accuracy" over all labelled positions of the split.
+  """
+  # Dispatch every batch before reading any result back, so the device does
+  # not wait on the host between batches.
+  sums = [eval_step(params, batch) for batch in batches]
+  return steps.summarize(functools.reduce(steps.add_metrics, sums, {}))
+
+
+def _train_summary(window, learning_rate: float) -> dict[str, float]:
+  """Means over the steps of a logging window, from their summed metrics."""
+  sums = functools.reduce(steps.add_metrics, window, {})
+  means = steps.summarize(sums)
+  return {
+      "train/loss": means["loss"],
+      "train/accuracy": means["accuracy"],
+      "train/grad_norm": float(sums["grad_norm"]) / len(window),
+      "train/learning_rate": learning_rate,
+  }
+
+
+def _report_eval(writer: MetricWriter, step: int, means) -> dict[str, float]:
+  """Prints and writes held-out metrics; returns them with "eval/" names."""
+  scalars = {f"eval/{name}": value for name, value in means.items()}
+  print(
+      f"step {step}  held-out loss {scalars['eval/loss']:.4f}  "
+      f"accuracy {scalars['eval/accuracy']:.4f}",
+      flush=True,
+  )
+  writer.write(step, scalars)
+  return scalars
+
+
+def _sources(data_config: Any, workdir: str):
+  """Builds the train and test random-access sources named by the config.
+
+  Args:
+    data_config: The `data` section of the config.
+    workdir: The run's directory; `<workdir>/tfds` is the default data_dir.
+
+  Returns:
+    (train source, test source).
+  """
+  task = data.MqarTask(
+      **{f.name: data_config[f.name] for f in dataclasses.fields(data.MqarTask)}
+  )
+  if data_config.source == "numpy":
+    # Seeded per split as the TFDS builder is, so both sources hold the same
+    # examples.
+    return tuple(
+        data.ArraySource(
+            data.generate_mqar(task, n, data.split_seed(data_config.data_seed, split))
+        )
+        for split, n in (
+            ("train", data_config.num_train),
+            ("test", data_config.num_test),
+        )
+    )
+  if data_config.source == "tfds":
+    load = functools.partial(
+        data.load_mqar,
+        task,
+        data_dir=data_config.data_dir or os.path.join(workdir, "tfds"),
+        num_train=data_config.num_train,
+        num_test=data_config.num_test,
+        seed=data_config.data_seed,
+    )
+    return load("train"), load("test")
+  raise ValueError(
+      f'data.source must be "tfds" or "numpy", got {data_config.source!r}.'
+  )

@@ -1,0 +1,176 @@
+"""Tests of the training loop: it learns, writes its files, resumes exactly and
+evaluates exactly."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from memjax import data
+from memjax import train
+from memjax.models import DecoderLM
+
+_CONFIG_FILE = os.path.join(
+    os.path.dirname(__file__), "..", "..", "experiments", "configs", "mqar.py"
+)
+_NUM_STEPS = 40
+_HALF = _NUM_STEPS // 2
+
+
+def _tiny_config(num_steps):
+  """The `tiny` config on in-memory data, with a fixed schedule horizon."""
+  spec = importlib.util.spec_from_file_location("mqar_config", _CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.data.source = "numpy"
+  config.train.num_steps = num_steps
+  # The learning rate of a step must not depend on where the run stops.
+  config.train.decay_steps = _NUM_STEPS
+  config.train.log_every = 5
+  config.train.checkpoint_every = _HALF
+  config.train.eval_every = _HALF
+  return config
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train_losses(workdir, after=0):
+  return {
+      row["step"]: row["train/loss"]
+      for row in _read_metrics(workdir)
+      if "train/loss" in row and row["step"] > after
+  }
+
+
+def _restore(workdir, step):
+  """The train state saved at `step` in the run's checkpoints."""
+  config = _tiny_config(_NUM_STEPS)
+  model = DecoderLM(**config.model)
+  optimizer = train.make_optimizer(config.train)
+  tokens = {"inputs": np.zeros((1, config.data.seq_len), np.int32)}
+  template = train.create_train_state(model, optimizer, jax.random.key(0), tokens)
+  checkpointer = train.Checkpointer(
+      os.path.join(workdir, "checkpoints"), save_every=_HALF, keep=2
+  )
+  state = checkpointer.restore(template, step=step)
+  checkpointer.close()
+  return state
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """An uninterrupted run of _NUM_STEPS steps: (workdir, final metrics)."""
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, train.train_and_evaluate(_tiny_config(_NUM_STEPS), workdir)
+
+
+def test_smoke_run_learns_and_writes_its_files(full_run):
+  workdir, final = full_run
+  losses = _train_losses(workdir)
+  assert sorted(losses) == list(range(5, _NUM_STEPS + 1, 5))
+  assert losses[_NUM_STEPS] < losses[5] - 0.5
+  assert 0.0 <= final["eval/accuracy"] <= 1.0
+  evals = [row for row in _read_metrics(workdir) if "eval/accuracy" in row]
+  assert [row["step"] for row in evals] == [_HALF, _NUM_STEPS]
+  assert evals[-1]["eval/accuracy"] == final["eval/accuracy"]
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
+      str(_HALF),
+      str(_NUM_STEPS),
+  ]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["num_steps"] == _NUM_STEPS
+
+
+def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
+  if jax.default_backend() != "cpu" and (
+      "--xla_gpu_deterministic_ops=true" not in os.environ.get("XLA_FLAGS", "")
+  ):
+    pytest.skip("bit-identical steps on a GPU need deterministic XLA ops")
+  full_dir, full_final = full_run
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_tiny_config(_HALF), workdir)
+  resumed_final = train.train_and_evaluate(_tiny_config(_NUM_STEPS), workdir)
+
+  # Step _HALF was saved in the background while the full run went on training
+  # with donated buffers; it must still hold the state of that step.
+  for step in (_HALF, _NUM_STEPS):
+    expected = jax.tree.leaves(_restore(full_dir, step))
+    actual = jax.tree.leaves(_restore(workdir, step))
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+  assert _train_losses(workdir, after=_HALF) == _train_losses(
+      full_dir, after=_HALF
+  )
+  assert resumed_final == full_final
+
+
+class _ConstantPredictor(nn.Module):
+  """Logits that always favour `token`, whatever the input."""
+
+  vocab_size: int
+  token: int
+
+  @nn.compact
+  def __call__(self, tokens):
+    offset = self.param("offset", nn.initializers.zeros, (self.vocab_size,))
+    logits = 3.0 * jax.nn.one_hot(self.token, self.vocab_size) + offset
+    return jnp.broadcast_to(logits, tokens.shape + (self.vocab_size,))
+
+
+def test_eval_aggregates_exactly_over_padded_batches():
+  task = data.MqarTask(vocab_size=32, seq_len=24, num_kv_pairs=3)
+  arrays = data.generate_mqar(task, 37, seed=3)  # 37 = 4 * 8 + 5: a short batch
+  labels = arrays["labels"][arrays["labels"] != data.IGNORE_INDEX]
+  token = int(np.bincount(labels).argmax())
+  model = _ConstantPredictor(task.vocab_size, token)
+  params = model.init(jax.random.key(0), arrays["inputs"][:1])["params"]
+
+  metrics = train.evaluate(
+      train.make_eval_step(model),
+      params,
+      batches=data.eval_batches(data.ArraySource(arrays), 8),
+  )
+
+  assert metrics["accuracy"] == np.sum(labels == token) / labels.size
+  logits = 3.0 * np.eye(task.vocab_size)[token]
+  log_probs = logits - np.log(np.sum(np.exp(logits)))
+  np.testing.assert_allclose(metrics["loss"], -log_probs[labels].mean(), rtol=1e-6)
+
+
+def test_weight_decay_skips_biases_scales_and_vectors():
+  params = {
+      "dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+      "norm": {"scale": jnp.ones(3)},
+      "gate": {"vector": jnp.ones(3)},
+      "embed": {"embedding": jnp.ones((4, 3))},
+  }
+  assert train.weight_decay_mask(params) == {
+      "dense": {"kernel": True, "bias": False},
+      "norm": {"scale": False},
+      "gate": {"vector": False},
+      "embed": {"embedding": True},
+  }
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+  config = _tiny_config(_NUM_STEPS).train
+  schedule = train.learning_rate_schedule(config)
+  peak = config.learning_rate
+  assert schedule(0) == 0.0
+  np.testing.assert_allclose(schedule(config.warmup_steps), peak, rtol=1e-6)
+  assert 0.0 < schedule(_HALF) < peak
+  np.testing.assert_allclose(schedule(_NUM_STEPS), 0.0, atol=1e-9)
+  assert isinstance(train.make_optimizer(config), optax.GradientTransformation)
