@@ -2,6 +2,8 @@
 
 import jax
 import jax.numpy as jnp
+import hypothesis
+from hypothesis import strategies as st
 import numpy as np
 import pytest
 
@@ -86,3 +88,25 @@ def test_bad_inputs():
     ops.linear_scan(jnp.ones((2, 5), jnp.int32), jnp.ones((2, 5)))
   with pytest.raises(ValueError, match=r"implementation"):
     ops.linear_scan(a, a, implementation="cuda")
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(
+    length=st.integers(2, 24),
+    split_fraction=st.floats(0.01, 0.99),
+    reverse=st.booleans(),
+    seed=st.integers(0, 2 ** 31 - 1),
+)
+def test_any_split_continues_exactly(length, split_fraction, reverse, seed):
+  """Running the sequence in two pieces, carrying the state, equals running it whole."""
+  split = min(max(int(split_fraction * length), 1), length - 1)
+  a, b, h0 = _inputs(jax.random.key(seed), (2, length, 3), jnp.float32)
+  scan = lambda a, b, h: ops.linear_scan(a, b, h, reverse=reverse, implementation="xla")
+  head, tail = (slice(None, split), slice(split, None))
+  if reverse:  # The recurrence starts at the end, so the tail runs first.
+    tail_out = scan(a[:, tail], b[:, tail], h0)
+    head_out = scan(a[:, head], b[:, head], tail_out[:, 0])
+  else:
+    head_out = scan(a[:, head], b[:, head], h0)
+    tail_out = scan(a[:, tail], b[:, tail], head_out[:, -1])
+  assert_close(jnp.concatenate([head_out, tail_out], 1), scan(a, b, h0), RTOL[jnp.float32])
