@@ -15,6 +15,18 @@ GRAD_RTOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 _counter = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+  """Tests compare the math of two implementations, so matmuls run in full float32.
+
+  On GPUs XLA's default float32 matmul may use TF32 and pick a different algorithm for a
+  [B, 1, D] decode step than for a [B, T, D] sequence; that rounding is not what the tests
+  check. On CPUs this changes nothing.
+  """
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture
 def key():
   """A fresh PRNG key per test (and per call of the fixture's users), never zeros."""
