@@ -6,17 +6,13 @@ r"""Trains and evaluates a memjax DecoderLM; see experiments/configs/mqar.py.
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-# Lets `python experiments/train.py` run from a checkout without an install.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from memjax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+from memjax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",

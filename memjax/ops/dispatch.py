@@ -7,14 +7,24 @@ Every op has up to three implementations behind one signature:
 * ``"pallas"`` — a Pallas kernel, where one exists for the platform.
 
 ``implementation=None`` picks the fastest one registered for the op, in the order of
-`PREFERENCE`. Asking for an implementation the op does not have is a `ValueError`.
+`PREFERENCE`, skipping ``"pallas"`` unless the default backend compiles Pallas kernels
+(GPU or TPU; see `pallas_compiles`). An explicit ``"pallas"`` on a CPU runs the kernel body
+in the Pallas interpreter: slow, but the real kernel. Asking for an implementation the op
+does not have is a `ValueError`.
 """
 
 from typing import Callable, Mapping, Optional
 
+import jax
+
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
 # Fastest first: what `implementation=None` tries, in order.
 PREFERENCE = ("pallas", "xla", "reference")
+
+
+def pallas_compiles() -> bool:
+  """Whether Pallas kernels compile for the default backend (else they only interpret)."""
+  return jax.default_backend() in ("gpu", "tpu")
 
 
 def choose(
@@ -37,7 +47,7 @@ def choose(
   """
   if implementation is None:
     for name in PREFERENCE:
-      if name in available:
+      if name in available and (name != "pallas" or pallas_compiles()):
         return available[name]
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(

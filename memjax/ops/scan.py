@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from memjax.kernels.linear_scan import gpu as gpu_kernel
+from memjax.kernels.linear_scan import tpu as tpu_kernel
 from memjax.ops import dispatch
 from memjax.ops import validation
 
@@ -57,7 +59,15 @@ def _xla(a, b, h0, reverse):
   return h
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "xla": _xla}
+def _pallas(a, b, h0, reverse):
+  if jax.default_backend() == "tpu":
+    return tpu_kernel.linear_scan(a, b, h0, reverse=reverse)
+  # GPUs compile the Triton kernel; elsewhere its body runs in the interpreter.
+  return gpu_kernel.linear_scan(a, b, h0, reverse=reverse,
+                                interpret=not dispatch.pallas_compiles())
+
+
+_IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "pallas": _pallas}
 
 
 def linear_scan(
@@ -78,8 +88,9 @@ def linear_scan(
     b: inputs, same shape as `a`.
     h0: initial state, [B, ...] (`a.shape` without axis 1); zeros when None.
     reverse: run the recurrence from the last step to the first.
-    implementation: "reference" (sequential `lax.scan`), "xla" (`lax.associative_scan`)
-      or None for the fastest available.
+    implementation: "reference" (sequential `lax.scan`), "xla" (`lax.associative_scan`),
+      "pallas" (the kernel of `memjax.kernels.linear_scan`; interpreted on a CPU) or None
+      for the fastest available (see `memjax.ops.dispatch`).
 
   Returns:
     All states h, [B, T, ...], in the dtype of `b` (accumulated in float32 or wider).
