@@ -111,6 +111,9 @@ def linear_scan(
     blocks = common.BlockSizes(
         time=DEFAULT_BLOCKS.time,
         channels=min(DEFAULT_BLOCKS.channels, pl.next_power_of_2(channels)))
+  elif blocks.time < 1 or blocks.channels < 1 or blocks.channels & (blocks.channels - 1):
+    raise ValueError(
+        f"blocks must have time >= 1 and a power-of-two channels (Triton), got {blocks}")
   a, b, h0_flat, unflatten = common.flatten_and_pad(a, b, h0, blocks)
   h = _scan(a, b, h0_flat, reverse, blocks, interpret)
   return unflatten(h)

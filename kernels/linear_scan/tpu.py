@@ -135,6 +135,12 @@ def linear_scan(
         time=min(DEFAULT_BLOCKS.time, common.round_up(a.shape[1], 16)),
         channels=min(DEFAULT_BLOCKS.channels,
                      common.round_up(math.prod(a.shape[2:]), _LANES)))
+  else:
+    rows = 8 if a.dtype.itemsize == 4 and b.dtype.itemsize == 4 else 16
+    if blocks.time < 1 or blocks.time % rows or blocks.channels < 1 or blocks.channels % _LANES:
+      raise ValueError(
+          f"blocks.time must be a positive multiple of {rows} and blocks.channels of "
+          f"{_LANES} for {a.dtype}/{b.dtype} inputs on TPU, got {blocks}")
   a, b, h0_flat, unflatten = common.flatten_and_pad(a, b, h0, blocks)
   h = _scan(a, b, h0_flat, reverse, blocks, interpret)
   return unflatten(h)

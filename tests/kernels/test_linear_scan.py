@@ -77,3 +77,12 @@ def test_auto_picks_pallas_only_where_it_compiles():
   else:
     assert chosen is impls["xla"]
   assert dispatch.choose("linear_scan", "pallas", impls) is impls["pallas"]
+
+
+def test_illegal_block_sizes_are_refused():
+  (a, b, h0), _ = _inputs(jax.random.key(0), (1, 8, 4), jnp.float32)
+  with pytest.raises(ValueError, match="power-of-two channels"):
+    gpu.linear_scan(a, b, h0, blocks=BlockSizes(time=8, channels=48), interpret=True)
+  with pytest.raises(ValueError, match="multiple of 8 .* of 128"):
+    tpu.linear_scan(a, b, h0, blocks=BlockSizes(time=12, channels=128),
+                    interpret=compat.tpu_interpret())
