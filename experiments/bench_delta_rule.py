@@ -1,18 +1,18 @@
 r"""Times memjax's gated delta rule against the step-by-step reference and, when installed,
 flash-linear-attention's Triton kernel (the anchor), and prints a table.
 
-  python experiments/bench_delta_rule.py                       # DESIGN.md §3 shape
+  python experiments/bench_delta_rule.py                       # the anchors' shape
   python experiments/bench_delta_rule.py --seq_len=1024 --dtypes=float32
+  python experiments/bench_delta_rule.py --batch=1 --seq_len=128 --heads=2 --head_dim=16 \
+      --repeats=2 --matmul_n=256 --copy_mib=1                 # CPU smoke run
   FLA_FLASH_QLA=0 python experiments/bench_delta_rule.py --anchor   # + fla 0.6.0
 
-Each row: median wall time over `--repeats` runs (after warm-up, inputs rotated among
-`--input_sets` sets so caches do not flatter), tokens/s, the ratio to the reference path
-measured in the same run, and the share of the roofline: the larger of FLOPs over the
+Each row: median time per call over `--repeats` samples of back-to-back calls (after
+warm-up, inputs rotated among `--input_sets` sets so caches do not flatter), tokens/s, the
+ratio to the reference path measured in the same run, and the share of the roofline: the
+larger of FLOPs over the
 measured bf16 matmul rate and bytes over the measured copy bandwidth, divided by the time.
 """
-
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax import ops
+
+import benchmarking  # experiments/benchmarking.py, beside this script
 
 _B = flags.DEFINE_integer("batch", 8, "B")
 _T = flags.DEFINE_integer("seq_len", 4096, "T")
@@ -35,6 +37,8 @@ _BACKWARD_MAX_T = flags.DEFINE_integer(
     "this T it is timed forward only")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "timed runs per row")
 _SETS = flags.DEFINE_integer("input_sets", 3, "input sets rotated between runs")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 8192, "size of the bf16 matmul-rate probe")
+_COPY_MIB = flags.DEFINE_integer("copy_mib", 1024, "size of the copy-bandwidth probe")
 _ANCHOR = flags.DEFINE_bool("anchor", False, "also time fla's chunk_gated_delta_rule (torch)")
 
 
@@ -50,19 +54,6 @@ def _inputs(key, dtype):
   return [x.astype(dtype) for x in (q, kk, v)] + [beta.astype(dtype), g.astype(jnp.float32)]
 
 
-def _median_ms(fn, input_sets):
-  jax.block_until_ready(fn(*input_sets[0]))  # compile
-  for args in input_sets:
-    jax.block_until_ready(fn(*args))
-  times = []
-  for i in range(_REPEATS.value):
-    args = input_sets[i % len(input_sets)]
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
 def _flops_and_bytes(itemsize):
   """FLOPs of the chunkwise form and the fewest bytes it must move (DESIGN.md §3)."""
   b, t, h, k, c = _B.value, _T.value, _H.value, _K.value, _C.value
@@ -72,18 +63,6 @@ def _flops_and_bytes(itemsize):
   tokens = b * t * h
   bytes_ = tokens * (4 * k * itemsize + 2 * itemsize)  # q, k, v in, o out, beta and g in
   return flops, bytes_
-
-
-def _ceilings():
-  """Measured device ceilings: bf16 matmul FLOP/s and copy bandwidth (read + write)."""
-  n = 8192
-  a = jnp.ones((n, n), jnp.bfloat16) * 0.5
-  matmul = jax.jit(lambda x: x @ x)
-  mm_ms = _median_ms(matmul, [(a,)])
-  x = jnp.ones((256 * 1024 * 1024,), jnp.float32)
-  copy = jax.jit(lambda y: y * 1.0001)
-  copy_ms = _median_ms(copy, [(x,)])
-  return 2 * n ** 3 / (mm_ms * 1e-3), 2 * x.nbytes / (copy_ms * 1e-3)
 
 
 def _fla_forward_ms(dtype_name):
@@ -126,7 +105,8 @@ def main(argv):
   del argv
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"B={_B.value} T={_T.value} H={_H.value} K=V={_K.value} chunk={_C.value}")
-  roofline = _ceilings()
+  roofline = (benchmarking.bf16_matmul_rate(_MATMUL_N.value),
+              benchmarking.copy_bandwidth(_COPY_MIB.value))
   print(f"measured ceilings: bf16 matmul {roofline[0] / 1e12:.0f} TFLOP/s, "
         f"copy {roofline[1] / 1e12:.2f} TB/s")
   rows = []
@@ -148,7 +128,7 @@ def main(argv):
       if impl != "reference" or _T.value <= _BACKWARD_MAX_T.value:
         modes.append(("forward+backward", jax.jit(fwd_bwd)))
       for mode, fn in modes:
-        ms = _median_ms(fn, sets)
+        ms = benchmarking.median_ms(fn, sets, repeats=_REPEATS.value)
         if impl == "reference":
           ref[mode] = ms
         rows.append(_row(f"memjax {impl}", dtype_name, mode, ms, ref.get(mode), flops_bytes,

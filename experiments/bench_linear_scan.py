@@ -5,14 +5,11 @@ and prints a table.
   python experiments/bench_linear_scan.py --batch=1 --seq_len=64 --channels=8 --repeats=2 \
       --copy_mib=1                                         # CPU smoke run (interpreted)
 
-Each row: median wall time over `--repeats` runs (after warm-up, inputs rotated among
-`--input_sets` sets), the ratio xla / pallas measured in the same run, and the share of the
-memory roofline: the fewest bytes (`_bytes`) over the measured copy bandwidth, divided by
-the time.
+Each row: median time per call over `--repeats` samples of back-to-back calls (after
+warm-up, inputs rotated among `--input_sets` sets), the ratio xla / pallas measured in the
+same run, and the share of the memory roofline: the fewest bytes (`_bytes`) over the
+measured copy bandwidth, divided by the time.
 """
-
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -20,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from memjax import ops
+
+import benchmarking  # experiments/benchmarking.py, beside this script
 
 _B = flags.DEFINE_integer("batch", 8, "B")
 _T = flags.DEFINE_integer("seq_len", 4096, "T")
@@ -29,26 +28,6 @@ _IMPLS = flags.DEFINE_list("implementations", ["xla", "pallas"], "memjax impleme
 _REPEATS = flags.DEFINE_integer("repeats", 20, "timed runs per row")
 _SETS = flags.DEFINE_integer("input_sets", 3, "input sets rotated between runs")
 _COPY_MIB = flags.DEFINE_integer("copy_mib", 1024, "size of the copy-bandwidth probe")
-
-
-def _median_ms(fn, input_sets):
-  jax.block_until_ready(fn(*input_sets[0]))  # compile
-  for args in input_sets:
-    jax.block_until_ready(fn(*args))
-  times = []
-  for i in range(_REPEATS.value):
-    args = input_sets[i % len(input_sets)]
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
-def _copy_bandwidth():
-  """Measured elementwise copy bandwidth, bytes/s (read + write)."""
-  x = jnp.ones((_COPY_MIB.value * 1024 * 1024 // 4,), jnp.float32)
-  ms = _median_ms(jax.jit(lambda y: y * 1.0001), [(x,)])
-  return 2 * x.nbytes / (ms * 1e-3)
 
 
 def _inputs(key, dtype):
@@ -71,7 +50,7 @@ def main(argv):
   del argv
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"B={_B.value} T={_T.value} C={_C.value}")
-  bandwidth = _copy_bandwidth()
+  bandwidth = benchmarking.copy_bandwidth(_COPY_MIB.value)
   print(f"measured copy bandwidth: {bandwidth / 1e12:.3f} TB/s")
   rows = []
   for dtype_name in _DTYPES.value:
@@ -86,7 +65,7 @@ def main(argv):
         return pullback(h)  # the output as the cotangent: random, not zeros
 
       for mode, fn in (("forward", jax.jit(run)), ("forward+backward", jax.jit(fwd_bwd))):
-        ms = _median_ms(fn, sets)
+        ms = benchmarking.median_ms(fn, sets, repeats=_REPEATS.value)
         if impl == "xla":
           xla_ms[mode] = ms
         ratio = f"{xla_ms[mode] / ms:.2f}x" if mode in xla_ms else ""

@@ -1,6 +1,7 @@
 """Block sizes and shape preparation shared by the GPU and TPU linear_scan kernels."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -73,3 +74,34 @@ def scan_vjp(scan, a, h, h0, g, reverse: bool):
     h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
     dh0 = a[:, 0].astype(jnp.float32) * d[:, 0]
   return (d * h_prev).astype(a.dtype), db, dh0
+
+
+def differentiable(pallas_scan):
+  """Wraps a kernel call in a `jax.custom_vjp` whose backward is the adjoint scan.
+
+  Only `a`, `h` and `h0` are saved for the backward (see `scan_vjp`).
+
+  Args:
+    pallas_scan: `pallas_scan(a, b, h0, reverse, adjoint, blocks, interpret)` -> h, the
+      `pallas_call` of one chip, on padded [B, T, C] inputs and a float32 [B, C] h0.
+
+  Returns:
+    `scan(a, b, h0, reverse, blocks, interpret)` -> h, differentiable in a, b and h0.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+  def scan(a, b, h0, reverse, blocks, interpret):
+    return pallas_scan(a, b, h0, reverse, False, blocks, interpret)
+
+  def scan_fwd(a, b, h0, reverse, blocks, interpret):
+    h = pallas_scan(a, b, h0, reverse, False, blocks, interpret)
+    return h, (a, h, h0)
+
+  def scan_bwd(reverse, blocks, interpret, residuals, g):
+    a, h, h0 = residuals
+    run = lambda a, b, h0, reverse, adjoint: pallas_scan(
+        a, b, h0, reverse, adjoint, blocks, interpret)
+    return scan_vjp(run, a, h, h0, g, reverse)
+
+  scan.defvjp(scan_fwd, scan_bwd)
+  return scan

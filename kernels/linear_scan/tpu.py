@@ -86,24 +86,7 @@ def _pallas_scan(a, b, h0, reverse, adjoint, blocks, interpret):
   )(a, b, h0[:, None, :])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _scan(a, b, h0, reverse, blocks, interpret):
-  return _pallas_scan(a, b, h0, reverse, False, blocks, interpret)
-
-
-def _scan_fwd(a, b, h0, reverse, blocks, interpret):
-  h = _pallas_scan(a, b, h0, reverse, False, blocks, interpret)
-  return h, (a, h, h0)
-
-
-def _scan_bwd(reverse, blocks, interpret, residuals, g):
-  a, h, h0 = residuals
-  run = lambda a, b, h0, reverse, adjoint: _pallas_scan(
-      a, b, h0, reverse, adjoint, blocks, interpret)
-  return common.scan_vjp(run, a, h, h0, g, reverse)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan = common.differentiable(_pallas_scan)
 
 
 def linear_scan(
