@@ -10,8 +10,8 @@ flash-linear-attention's Triton kernel (the anchor), and prints a table.
 Each row: median time per call over `--repeats` samples of back-to-back calls (after
 warm-up, inputs rotated among `--input_sets` sets so caches do not flatter), tokens/s, the
 ratio to the reference path measured in the same run, and the share of the roofline: the
-larger of FLOPs over the
-measured bf16 matmul rate and bytes over the measured copy bandwidth, divided by the time.
+larger of FLOPs over the measured bf16 matmul rate and bytes over the measured copy
+bandwidth, divided by the time.
 """
 
 from absl import app
