@@ -87,10 +87,11 @@ class AssociativeMemory(nn.Module):
   def init_state(self, batch_size: int) -> AssociativeMemoryState:
     """The state at the start of a sequence: zeros, [batch_size, ...] (see the state type)."""
     h, k, v = self.num_heads, self.head_dim, self.value_dim
-    window = max(self.conv_size - 1, 0)
-    zeros = lambda c: jnp.zeros((batch_size, window, c), jnp.float32)
+    # parent=None: a detached helper, not a submodule (it only computes the window shape).
+    conv = ShortConvolution(max(self.conv_size, 1), parent=None)
     return AssociativeMemoryState(
-        conv_q=zeros(h * k), conv_k=zeros(h * k), conv_v=zeros(h * v),
+        conv_q=conv.init_state(batch_size, h * k), conv_k=conv.init_state(batch_size, h * k),
+        conv_v=conv.init_state(batch_size, h * v),
         memory=jnp.zeros((batch_size, h, k, v), jnp.float32))
 
   @nn.compact
