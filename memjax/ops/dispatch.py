@@ -31,6 +31,7 @@ def choose(
     op_name: str,
     implementation: Optional[str],
     available: Mapping[str, Callable],
+    pallas_unsupported: Optional[str] = None,
 ) -> Callable:
   """Returns the function implementing `op_name` for the requested implementation.
 
@@ -38,6 +39,9 @@ def choose(
     op_name: name of the op, used in error messages.
     implementation: one of `IMPLEMENTATIONS`, or None for the fastest available.
     available: the implementations this op has, by name.
+    pallas_unsupported: why the kernel cannot take this call's shapes or dtypes, or None
+      if it can. `implementation=None` then falls back to the next implementation; an
+      explicit "pallas" raises a ValueError with this reason.
 
   Returns:
     The chosen implementation's function.
@@ -47,7 +51,8 @@ def choose(
   """
   if implementation is None:
     for name in PREFERENCE:
-      if name in available and (name != "pallas" or pallas_compiles()):
+      if name in available and (
+          name != "pallas" or (pallas_compiles() and pallas_unsupported is None)):
         return available[name]
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
@@ -57,4 +62,6 @@ def choose(
     raise ValueError(
         f"{op_name}: implementation={implementation!r} is not available; this op has "
         f"{tuple(n for n in IMPLEMENTATIONS if n in available)}")
+  if implementation == "pallas" and pallas_unsupported is not None:
+    raise ValueError(f"{op_name}: implementation='pallas' {pallas_unsupported}")
   return available[implementation]

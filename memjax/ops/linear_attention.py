@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from memjax.kernels.delta_rule import chunked
+from memjax.kernels.delta_rule import common as kernel_common
 from memjax.ops import chunking
 from memjax.ops import dispatch
 from memjax.ops import validation
@@ -78,7 +80,15 @@ def _xla(q, k, v, g, scale, state, chunk_size):
   return chunking.from_chunks(scale * (inter + intra), length), final
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "xla": _xla}
+def _pallas(q, k, v, g, scale, state, chunk_size):
+  if g is None:
+    g = jnp.zeros(q.shape[:3], jnp.float32)
+  return chunked.on_default_backend(
+      q, k, v, None, g, scale=scale, initial_state=state, chunk_size=chunk_size,
+      xla_form=lambda q, k, v, beta, g, *rest: _xla(q, k, v, g, *rest))
+
+
+_IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "pallas": _pallas}
 
 
 def linear_attention(
@@ -108,7 +118,8 @@ def linear_attention(
     return_final_state: also return the state after the last token.
     chunk_size: chunk length of the chunkwise form (any positive int; T need not be a
       multiple of it).
-    implementation: "reference", "xla" or None (fastest available).
+    implementation: "reference", "xla", "pallas" or None (the kernel on GPU/TPU for the
+      shapes it supports, else "xla").
     check_finite: raise a ValueError if an input holds NaN or inf (outside jit only).
 
   Returns:
@@ -118,7 +129,8 @@ def linear_attention(
   scale, state = validation.prepare_memory_call(
       q, k, v, {"g": g}, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
       check_finite=check_finite)
-  impl = dispatch.choose("linear_attention", implementation, _IMPLEMENTATIONS)
+  impl = dispatch.choose("linear_attention", implementation, _IMPLEMENTATIONS,
+                         kernel_common.unsupported(k, v, chunk_size))
   o, final = impl(q, k, v, g, scale, state, chunk_size)
   o = o.astype(v.dtype)
   return (o, final) if return_final_state else o

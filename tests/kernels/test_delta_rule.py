@@ -1,0 +1,123 @@
+"""Delta-rule / linear-attention Pallas kernels (GPU body interpreted, TPU body in TPU
+interpret mode) against the step-by-step reference: outputs, final state and vjp."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax import ops
+from memjax.kernels import compat
+from memjax.kernels.delta_rule import BlockSizes
+from memjax.kernels.delta_rule import chunked
+from memjax.kernels.delta_rule import gpu
+from memjax.kernels.delta_rule import tpu
+from memjax.ops import dispatch
+from tests.conftest import GRAD_RTOL, RTOL, assert_close, memory_inputs
+
+_CHIPS = {"gpu": (gpu, True), "tpu": (tpu, compat.tpu_interpret())}
+# The modules, not the functions of the same name that memjax.ops re-exports.
+_DELTA_RULE = importlib.import_module("memjax.ops.delta_rule")
+_LINEAR_ATTENTION = importlib.import_module("memjax.ops.linear_attention")
+_XLA_FORM = {
+    "delta_rule": _DELTA_RULE._xla,
+    "linear_attention": lambda q, k, v, beta, g, *rest: _LINEAR_ATTENTION._xla(
+        q, k, v, g, *rest),
+}
+
+
+def _kernel(op, chip, blocks):
+  module, interpret = _CHIPS[chip]
+
+  def run(q, k, v, beta, g, initial_state):
+    return chunked.delta_rule(
+        module, q, k, v, beta if op == "delta_rule" else None, g, scale=q.shape[-1] ** -0.5,
+        initial_state=initial_state, blocks=blocks, interpret=interpret,
+        xla_form=_XLA_FORM[op])
+  return run
+
+
+def _reference(op):
+  def run(q, k, v, beta, g, initial_state):
+    if op == "delta_rule":
+      return ops.delta_rule(q, k, v, beta, g, initial_state=initial_state,
+                            return_final_state=True, implementation="reference")
+    return ops.linear_attention(q, k, v, g, initial_state=initial_state,
+                                return_final_state=True, implementation="reference")
+  return run
+
+
+def _args(x):
+  g = x["g"] if x["g"] is not None else jnp.zeros(x["beta"].shape, jnp.float32)
+  return x["q"], x["k"], x["v"], x["beta"], g, x["initial_state"]
+
+
+# T = 41 is a multiple of no chunk; K = 64 != V = 128 catches transposed tiles.
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("op", ["delta_rule", "linear_attention"])
+@pytest.mark.parametrize("chip", sorted(_CHIPS))
+def test_forward_matches_reference(key, chip, op, dtype, gated):
+  x = memory_inputs(key, 1, 41, 2, 64, 128, dtype=dtype, gated=gated)
+  blocks = BlockSizes(chunk=32, value=64 if chip == "gpu" else 128)
+  o, final = jax.jit(_kernel(op, chip, blocks))(*_args(x))
+  o_ref, final_ref = _reference(op)(*_args(x))
+  assert o.shape == o_ref.shape and o.dtype == dtype and final.dtype == jnp.float32
+  assert_close(o, o_ref, RTOL[dtype], "o")
+  assert_close(final, final_ref, RTOL[dtype], "final state")
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunk_sizes_and_square_heads(key, chunk):
+  x = memory_inputs(key, 2, 70, 1, 128, 64, dtype=jnp.float32)
+  o, final = jax.jit(_kernel("delta_rule", "gpu", BlockSizes(chunk=chunk, value=32)))(*_args(x))
+  o_ref, final_ref = _reference("delta_rule")(*_args(x))
+  assert_close(o, o_ref, RTOL[jnp.float32], "o")
+  assert_close(final, final_ref, RTOL[jnp.float32], "final state")
+
+
+@pytest.mark.parametrize("op", ["delta_rule", "linear_attention"])
+def test_vjp_matches_reference(key, op):
+  x = memory_inputs(key, 1, 37, 2, 64, 64, dtype=jnp.float32)
+  cotangents = (jax.random.normal(jax.random.fold_in(key, 1), x["v"].shape),
+                jax.random.normal(jax.random.fold_in(key, 2), x["initial_state"].shape))
+  _, pullback = jax.vjp(_kernel(op, "gpu", BlockSizes(chunk=16, value=64)), *_args(x))
+  _, pullback_ref = jax.vjp(_reference(op), *_args(x))
+  names = ("dq", "dk", "dv", "dbeta", "dg", "dinitial_state")
+  for name, got, want in zip(names, pullback(cotangents), pullback_ref(cotangents)):
+    if op == "linear_attention" and name == "dbeta":
+      continue  # linear attention has no beta: both cotangents are zero by construction
+    assert_close(got, want, GRAD_RTOL[jnp.float32], name)
+
+
+def test_ops_route_to_the_kernel_on_request(key):
+  x = memory_inputs(key, 1, 20, 1, 64, 64)
+  o = ops.delta_rule(**x, implementation="pallas", chunk_size=16)
+  assert_close(o, ops.delta_rule(**x, implementation="reference"), RTOL[jnp.float32], "o")
+  o = ops.linear_attention(x["q"], x["k"], x["v"], x["g"], initial_state=x["initial_state"],
+                           implementation="pallas", chunk_size=16)
+  o_ref = ops.linear_attention(x["q"], x["k"], x["v"], x["g"],
+                               initial_state=x["initial_state"], implementation="reference")
+  assert_close(o, o_ref, RTOL[jnp.float32], "o")
+
+
+def test_unsupported_shapes_fall_back_or_raise(key, monkeypatch):
+  x = memory_inputs(key, 1, 20, 1, 24, 24)  # head dim 24: no kernel
+  with pytest.raises(ValueError, match="head dims"):
+    ops.delta_rule(**x, implementation="pallas")
+  with pytest.raises(ValueError, match="chunk_size"):
+    ops.delta_rule(**memory_inputs(key, 1, 20, 1, 64, 64), implementation="pallas",
+                   chunk_size=8)
+  # As on a GPU: None picks the kernel where it can and the xla form where it cannot.
+  monkeypatch.setattr(dispatch, "pallas_compiles", lambda: True)
+  np.testing.assert_array_equal(ops.delta_rule(**x), ops.delta_rule(**x, implementation="xla"))
+
+
+@pytest.mark.parametrize("blocks", [BlockSizes(chunk=48, value=64), BlockSizes(value=48),
+                                    BlockSizes(value=256)])
+def test_illegal_blocks_raise(key, blocks):
+  x = memory_inputs(key, 1, 8, 1, 64, 128)
+  with pytest.raises(ValueError, match="blocks"):
+    _kernel("delta_rule", "gpu", blocks)(*_args(x))
