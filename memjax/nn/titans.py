@@ -1,0 +1,212 @@
+"""NeuralMemory: the long-term memory module (LMM) of Titans as a token mixer.
+
+The layer of Titans (arXiv 2501.00663, §3-4) and Miras (arXiv 2504.13173, §5): q/k/v
+projections, each through a causal depthwise short convolution with SiLU, L2-normalised q
+and k, per-token gates (learning rate theta, momentum eta, forget alpha, and Yaad's Huber
+threshold) from low-rank projections of the input, the neural memory op
+(`memjax.ops.neural_memory`) per head, a per-head RMSNorm gated by a linear map of the input,
+and an output projection. `num_persistent_tokens` learnable tokens are written into the
+memory before the sequence (they are part of the state `init_state` returns).
+
+State is explicit: `y, state = layer.apply(params, x, state)`; the state at the start of a
+sequence is `layer.apply(params, batch_size, method="init_state")` (it needs the parameters:
+the memory's meta-learned initial weights and the persistent tokens).
+"""
+
+from typing import NamedTuple, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memjax import ops
+from memjax.ops import miras
+from memjax.ops import titans as titans_ops
+from memjax.nn.conv import ShortConvolution
+from memjax.nn.norms import GatedRMSNorm
+from memjax.nn.norms import l2_normalize
+
+
+class NeuralMemoryLayerState(NamedTuple):
+  """Recurrent state of a NeuralMemory layer.
+
+  Attributes:
+    conv_q, conv_k, conv_v: last inputs of the convolutions [B, conv_size - 1, H * K].
+    memory: the `memjax.ops.NeuralMemoryState` of the per-head memories.
+  """
+  conv_q: jax.Array
+  conv_k: jax.Array
+  conv_v: jax.Array
+  memory: titans_ops.NeuralMemoryState
+
+
+class LowRankGate(nn.Module):
+  """`W_up W_down x`: one value per head from a rank-`rank` projection of the input.
+
+  Attributes:
+    num_heads: outputs H.
+    rank: inner width.
+    bias_init: initial bias of the output (sets the gate's starting value).
+  """
+  num_heads: int
+  rank: int
+  bias_init: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] -> float32 pre-activations [B, T, H]."""
+    down = nn.Dense(self.rank, use_bias=False, name="down")(x)
+    up = nn.Dense(self.num_heads, name="up",
+                  bias_init=nn.initializers.constant(self.bias_init))(down)
+    return up.astype(jnp.float32)
+
+
+class _DenseTo(nn.Module):
+  """A bias-free Dense whose output width is given at call time (the model width D)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, features: int) -> jax.Array:
+    return nn.Dense(features, use_bias=False, name="dense")(x)
+
+
+class _PersistentTokens(nn.Module):
+  """`num_tokens` learnable input-independent tokens of width given at call time."""
+  num_tokens: int
+
+  @nn.compact
+  def __call__(self, dim: int) -> jax.Array:
+    """-> [num_tokens, dim]."""
+    return self.param("tokens", nn.initializers.normal(stddev=0.02), (self.num_tokens, dim))
+
+
+class NeuralMemory(nn.Module):
+  """Multi-head neural long-term memory mixer; see the module docstring.
+
+  Attributes:
+    num_heads: number of heads H.
+    head_dim: key and value dim of each head (K = V).
+    memory_depth: layers of the memory: 1 is a linear map, >= 2 the residual MLP.
+    memory_expansion: hidden width of the MLP memory over head_dim.
+    rule: a `memjax.ops.MirasRule` or preset ("titans", "moneta", "yaad", "memora").
+    use_momentum: learn eta (Titans); False is plain gradient descent (Moneta, Yaad, Memora).
+    max_learning_rate: theta = max_learning_rate * sigmoid(.).
+    gate_rank: rank of the gate projections.
+    num_persistent_tokens: learnable tokens written into the memory before the sequence.
+    activation: sigma of the MLP memory.
+    conv_size: width of the short convolutions; 0 turns them off.
+    chunk_size: tokens whose gradients share the weights of their chunk's start.
+    implementation: passed to `memjax.ops.neural_memory`.
+  """
+  num_heads: int = 4
+  head_dim: int = 64
+  memory_depth: int = 2
+  memory_expansion: float = 4.0
+  rule: Union[str, miras.MirasRule] = "titans"
+  use_momentum: bool = True
+  max_learning_rate: float = 0.1
+  gate_rank: int = 32
+  num_persistent_tokens: int = 0
+  activation: str = "gelu"
+  conv_size: int = 4
+  chunk_size: int = 64
+  implementation: Optional[str] = None
+
+  def setup(self):
+    h, k = self.num_heads, self.head_dim
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
+    self.q_proj, self.k_proj, self.v_proj = (dense(h * k, f"{n}_proj") for n in "qkv")
+    if self.conv_size > 0:
+      self.q_conv, self.k_conv, self.v_conv = (
+          ShortConvolution(self.conv_size, name=f"{n}_conv") for n in "qkv")
+    # Start with a small learning rate, strong retention and some momentum.
+    self.theta_gate = LowRankGate(h, self.gate_rank, bias_init=-2.0, name="theta_gate")
+    self.alpha_gate = LowRankGate(h, self.gate_rank, bias_init=-4.0, name="alpha_gate")
+    if self.use_momentum:
+      self.eta_gate = LowRankGate(h, self.gate_rank, bias_init=1.0, name="eta_gate")
+    if miras.resolve(self.rule).loss == "huber":
+      self.huber_gate = LowRankGate(h, self.gate_rank, bias_init=1.0, name="huber_gate")
+    dims = [k] + [int(self.memory_expansion * k)] * (self.memory_depth - 1) + [k]
+    self.memory_weights = tuple(
+        self.param(f"memory_w{i}", nn.initializers.normal(stddev=d_in ** -0.5), (h, d_in, d_out))
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])))
+    self.gate_proj = dense(h * k, "gate_proj")
+    self.out_norm = GatedRMSNorm(name="out_norm")
+    self.out_proj = _DenseTo(name="out_proj")
+    if self.num_persistent_tokens > 0:
+      self.persistent = _PersistentTokens(self.num_persistent_tokens, name="persistent")
+
+  def init_state(self, batch_size: int, dim: Optional[int] = None) -> NeuralMemoryLayerState:
+    """The state at the start of a sequence, with the persistent tokens memorised.
+
+    Args:
+      batch_size: B.
+      dim: model width D (needed only with persistent tokens; the input's last dim).
+
+    Returns:
+      A `NeuralMemoryLayerState` for [batch_size, ...].
+    """
+    hk = self.num_heads * self.head_dim
+    # A detached helper (parent=None): it only computes the window shape.
+    conv = ShortConvolution(max(self.conv_size, 1), parent=None)
+    state = NeuralMemoryLayerState(
+        conv_q=conv.init_state(batch_size, hk), conv_k=conv.init_state(batch_size, hk),
+        conv_v=conv.init_state(batch_size, hk),
+        memory=titans_ops.init_state(self.memory_weights, batch_size, rule=self.rule))
+    if self.num_persistent_tokens > 0:
+      if dim is None:
+        raise ValueError("init_state needs dim (the model width D) when "
+                         f"num_persistent_tokens = {self.num_persistent_tokens} > 0")
+      tokens = self.persistent(dim)
+      _, state = self._mix(jnp.broadcast_to(tokens, (batch_size,) + tokens.shape), state)
+    return state
+
+  def __call__(self, x: jax.Array, state: Optional[NeuralMemoryLayerState] = None):
+    """Mixes a sequence; a single token (T = 1) takes the one-token step of the memory.
+
+    Args:
+      x: inputs [B, T, D].
+      state: the state after the previous tokens; `init_state(B, D)` when None.
+
+    Returns:
+      `(y, state)`: outputs [B, T, D] and the state after the last token.
+    """
+    if state is None:
+      state = self.init_state(x.shape[0], x.shape[-1])
+    return self._mix(x, state)
+
+  def _mix(self, x, state):
+    b, t, d = x.shape
+    h, k = self.num_heads, self.head_dim
+    q, kk, vv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    conv_q, conv_k, conv_v = state.conv_q, state.conv_k, state.conv_v
+    if self.conv_size > 0:
+      q, conv_q = self.q_conv(q, conv_q)
+      kk, conv_k = self.k_conv(kk, conv_k)
+      vv, conv_v = self.v_conv(vv, conv_v)
+    else:
+      q, kk, vv = jax.nn.silu(q), jax.nn.silu(kk), jax.nn.silu(vv)
+    q = l2_normalize(q.reshape(b, t, h, k))
+    kk = l2_normalize(kk.reshape(b, t, h, k))
+    vv = vv.reshape(b, t, h, k)
+    theta = self.max_learning_rate * jax.nn.sigmoid(self.theta_gate(x))
+    alpha = jax.nn.sigmoid(self.alpha_gate(x))
+    eta = jax.nn.sigmoid(self.eta_gate(x)) if self.use_momentum else None
+    delta = None
+    if miras.resolve(self.rule).loss == "huber":
+      delta = jax.nn.softplus(self.huber_gate(x))
+    common = dict(rule=self.rule, activation=self.activation)
+    if t == 1:
+      first = lambda a: None if a is None else a[:, 0]
+      o, memory = ops.neural_memory_step(
+          first(q), first(kk), first(vv), first(theta), first(eta), first(alpha),
+          first(delta), state=state.memory, chunk_size=self.chunk_size, **common)
+      o = o[:, None]
+    else:
+      o, memory = ops.neural_memory(
+          q, kk, vv, theta, eta, alpha, huber_delta=delta, initial_state=state.memory,
+          return_final_state=True, chunk_size=self.chunk_size,
+          implementation=self.implementation, **common)
+    gate = self.gate_proj(x).reshape(b, t, h, k)
+    y = self.out_norm(o, gate).reshape(b, t, h * k)
+    y = self.out_proj(y, d)
+    return y, NeuralMemoryLayerState(conv_q, conv_k, conv_v, memory)

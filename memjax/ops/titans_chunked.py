@@ -1,0 +1,163 @@
+"""The chunkwise-parallel ("xla") form of the neural memory: the dual form.
+
+Inside a chunk whose gradients are all taken at the chunk-start weights, the gradient of
+token s with respect to a layer is a rank-1 outer product `G_s = x_s^T delta_s`. With decay
+`a_t = 1 - alpha_t`, the per-token update
+
+    S_t = eta_t S_{t-1} - theta_t G_t,        W_t = a_t W_{t-1} + m_t S_t
+
+(m_t = 1 for real tokens; padding tokens have m = theta = 0 and eta = a = 1, so they change
+nothing) unrolls from the chunk's starting (W0, S0) to
+
+    S_t = E_t S0 - sum_{s<=t} theta_s P_ts G_s,
+    W_t = D_t W0 + B_t S0 - sum_{s<=t} theta_s Q_ts G_s,
+
+    P_ts = prod_{s<i<=t} eta_i,              E_t = prod_{i<=t} eta_i,
+    Q_ts = sum_{s<=r<=t} (prod_{r<i<=t} a_i) m_r P_rs,
+    B_t  = sum_{r<=t} (prod_{r<i<=t} a_i) m_r E_r,      D_t = prod_{i<=t} a_i.
+
+Each coefficient is one `linear_scan` over the chunk (row recurrences `P_t = eta_t P_{t-1}
++ e_t`, `Q_t = a_t Q_{t-1} + m_t P_t`), so no ratio of products is ever formed (eta or a
+may be 0). A layer's output for an input h_t is then
+`h_t W_t = D_t h_t W0 + B_t h_t S0 - sum_s theta_s Q_ts (h_t . x_s) delta_s`: matmuls, and
+the per-token weights are never built. The chunk-end (W, S) are the same sums at t = C.
+Only the carry from chunk to chunk is sequential; the retrieval runs batched afterwards.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from memjax.ops import chunking
+from memjax.ops import miras
+from memjax.ops import scan
+from memjax.ops import titans_memory
+
+
+def _align(x: jax.Array, offset: Optional[jax.Array], length: int, fill: float) -> jax.Array:
+  """Places x [B, T, ...] at [offset, offset + T) of a [B, length, ...] array filled with `fill`.
+
+  `offset` (the tokens already seen of the current chunk) is a traced value, so the
+  placement is a dynamic slice of a padded array; None means 0.
+  """
+  t = x.shape[1]
+  if offset is None:
+    return _pad_time(x, 0, length - t, fill)
+  room = length - t  # >= chunk_size - 1 >= offset
+  padded = _pad_time(x, room, length - t, fill)
+  return lax.dynamic_slice_in_dim(padded, room - offset, length, axis=1)
+
+
+def _pad_time(x, front, back, fill):
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (front, back)
+  return jnp.pad(x, pad, constant_values=fill)
+
+
+def _coefficients(eta, decay, mask):
+  """The dual-form coefficients of every chunk (see the module docstring).
+
+  Args:
+    eta, decay, mask: [B, H, N, C] momentum, 1 - alpha and the real-token mask.
+
+  Returns:
+    `(P, Q, E, B, D)`: P, Q [B, H, N, C, C] (rows t, columns s); E, B, D [B, H, N, C].
+  """
+  lead, c = eta.shape[:-1], eta.shape[-1]
+  flat = lambda x: x.reshape((-1, c) + x.shape[len(lead) + 1:])
+  widen = lambda x, n: jnp.broadcast_to(x[..., None], x.shape + (n,))
+  one_hot = jnp.broadcast_to(jnp.eye(c, c + 1, dtype=eta.dtype), lead + (c, c + 1))
+  start = jnp.zeros((flat(eta).shape[0], c + 1), eta.dtype).at[:, c].set(1.0)
+  # Columns 0..C-1: P (the momentum of token s seen at t); column C: E.
+  pe = scan.linear_scan(flat(widen(eta, c + 1)), flat(one_hot), start, implementation="xla")
+  writes = jnp.concatenate([pe, jnp.zeros_like(pe[..., :1])], axis=-1) * flat(mask)[..., None]
+  start = jnp.zeros((pe.shape[0], c + 2), eta.dtype).at[:, c + 1].set(1.0)
+  # Columns 0..C-1: Q; column C: B; column C+1: D.
+  qbd = scan.linear_scan(flat(widen(decay, c + 2)), writes, start, implementation="xla")
+  pe, qbd = pe.reshape(lead + pe.shape[1:]), qbd.reshape(lead + qbd.shape[1:])
+  return pe[..., :c], qbd[..., :c], pe[..., c], qbd[..., c], qbd[..., c + 1]
+
+
+def chunked(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, activation,
+            fresh):
+  """The neural memory over a sequence in the dual form.
+
+  Arguments as in `_reference` of `memjax.ops.titans`, plus `fresh`: the state is known to
+  sit at a chunk start (position 0), so no room for a partly seen chunk is needed.
+
+  Returns:
+    `(y [B, T, H, V] float32, (weights, momentum, anchor, accumulator, position))`.
+  """
+  b, t, h, _ = q.shape
+  c = chunk_size
+  f32 = jnp.float32
+  precision = chunking.matmul_precision(v.dtype)
+  offset = None if fresh else state.position
+  length = c * -(-(t if fresh else t + c - 1) // c)
+  align = lambda x, fill: chunking.to_chunks(_align(x.astype(f32), offset, length, fill), c)
+  qc, kc, vc = align(q, 0.0), align(k, 0.0), align(v, 0.0)
+  mask = align(jnp.ones((b, t, h)), 0.0)
+  theta_c = align(theta, 0.0)
+  eta_c = align(jnp.zeros((b, t, h)) if eta is None else eta, 1.0)
+  decay = align(1.0 - (jnp.zeros((b, t, h)) if alpha is None else alpha), 1.0)
+  delta_c = align(jnp.ones((b, t, h)) if huber_delta is None else huber_delta, 1.0)
+
+  p, qq, e, bb, d = _coefficients(eta_c, decay, mask)
+  # The weight of token s's gradient in W_t and, at the chunk end, in S.
+  coef_w = -theta_c[..., None, :] * qq
+  coef_s_end = -theta_c * p[..., -1, :]
+  complete = mask[..., -1] > 0  # The chunk's last token is real: the chunk ends here.
+
+  def step(carry, xs):
+    weights, momentum, anchor, acc = carry
+    k_n, v_n, delta_n, cw_end, cs_end, e_end, b_end, d_end, done = xs
+    error = lambda pred: miras.error_signal(rule, pred, v_n, delta_n)
+    inputs, deltas = titans_memory.gradient_factors(anchor, k_n, error, activation, precision)
+    scale = lambda x: x[..., None, None]
+    new_w, new_s, new_acc = [], [], []
+    for i, (x_i, g_i) in enumerate(zip(inputs, deltas)):
+      to_w = jnp.einsum("bhsd,bhse->bhde", x_i, cw_end[..., None] * g_i, precision=precision)
+      to_s = jnp.einsum("bhsd,bhse->bhde", x_i, cs_end[..., None] * g_i, precision=precision)
+      new_s.append(scale(e_end) * momentum[i] + to_s)
+      new_w.append(scale(d_end) * weights[i] + scale(b_end) * momentum[i] + to_w)
+      if acc is not None:
+        new_acc.append(scale(d_end) * acc[i] + scale(b_end) * momentum[i] + to_w)
+    if acc is not None:
+      # The non-linear retention is applied where a chunk ends.
+      new_w = [jnp.where(scale(done), miras.retention_map(rule, a), w)
+               for a, w in zip(new_acc, new_w)]
+    new_anchor = [jnp.where(scale(done), w, a) for w, a in zip(new_w, anchor)]
+    carry = (tuple(new_w), tuple(new_s), tuple(new_anchor),
+             None if acc is None else tuple(new_acc))
+    return carry, (weights, momentum, inputs, deltas)
+
+  xs = (kc, vc, delta_c, coef_w[..., -1, :], coef_s_end, e[..., -1], bb[..., -1],
+        d[..., -1], complete)
+  carry = (state.weights, state.momentum, state.anchor, state.accumulator)
+  (weights, momentum, anchor, acc), (w0, s0, inputs, deltas) = lax.scan(
+      step, carry, tuple(jnp.moveaxis(x, 2, 0) for x in xs))
+  to_chunk_axis = lambda x: jnp.moveaxis(x, 0, 2)
+  w0, s0, inputs, deltas = jax.tree.map(to_chunk_axis, (w0, s0, inputs, deltas))
+
+  def apply_layer(i, x):
+    mm = lambda a, bmat: jnp.matmul(a, bmat, precision=precision)
+    base = d[..., None] * mm(x, w0[i]) + bb[..., None] * mm(x, s0[i])
+    scores = mm(x, jnp.swapaxes(inputs[i], -1, -2)) * coef_w
+    return base + mm(scores, deltas[i])
+
+  y, _ = titans_memory.compose(apply_layer, qc, len(w0), activation)
+  if acc is not None:
+    # The last token of a finished chunk reads the mapped weights that the next chunk
+    # starts from (so chunk_size = 1 is the per-token rule W_t = phi(A_t)).
+    next_start = [jnp.concatenate([w[:, :, 1:], f[:, :, None]], axis=2)
+                  for w, f in zip(w0, weights)]
+    y_last, _ = titans_memory.forward(next_start, qc[..., -1:, :], activation, precision)
+    y = y.at[..., -1, :].set(jnp.where(complete[..., None], y_last[..., 0, :], y[..., -1, :]))
+
+  y = chunking.from_chunks(y, length)
+  if offset is not None:
+    y = lax.dynamic_slice_in_dim(y, offset, t, axis=1)
+  position = jnp.asarray(t % c, jnp.int32) if fresh else (offset + t) % c
+  return y, (weights, momentum, anchor, acc, position)
