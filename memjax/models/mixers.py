@@ -32,6 +32,11 @@ MIXERS: Dict[str, Callable[..., nn.Module]] = {
     "linear": _associative(mnn.LinearAttention),
     "deltanet": _associative(mnn.DeltaNet),
     "gdn": _associative(mnn.GatedDeltaNet),
+    "mom": _associative(mnn.MixtureOfMemories),
+    # The Titans LMM keeps K = V (its MLP memory is residual), so expand_v does not apply.
+    "lmm": lambda num_heads, head_dim, *, expand_v, chunk_size, implementation, window, name: (
+        mnn.NeuralMemory(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size,
+                         implementation=implementation, name=name)),
 }
 
 

@@ -10,3 +10,12 @@ from memjax.nn.conv import ShortConvolution
 from memjax.nn.mlp import SwiGLU
 from memjax.nn.norms import GatedRMSNorm
 from memjax.nn.norms import RMSNorm
+from memjax.nn.product_keys import ProductKeyMemory
+from memjax.nn.product_keys import ProductKeyValues
+from memjax.nn.mixture_of_memories import MixtureOfMemories
+from memjax.nn.mixture_of_memories import MixtureOfMemoriesState
+from memjax.nn.hopfield import Hopfield
+from memjax.nn.hopfield import HopfieldLayer
+from memjax.nn.hopfield import HopfieldPooling
+from memjax.nn.titans import NeuralMemory
+from memjax.nn.titans import NeuralMemoryLayerState
