@@ -15,6 +15,17 @@ GRAD_RTOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 _counter = itertools.count()
 
 
+def pytest_collection_modifyitems(config, items):
+  """`gpu`-marked tests compile the kernels for a GPU; without one they cannot run."""
+  del config
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason="needs a GPU backend (run `pytest -m gpu` on a GPU machine)")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def full_float32_matmuls():
   """Tests compare the math of two implementations, so matmuls run in full float32.

@@ -27,8 +27,11 @@ def _forward(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
   """Pads T to a multiple of the chunk, runs the passes, returns (o [B, T, H, V], final)."""
   length = q.shape[1]
   padded = -(-length // blocks.chunk) * blocks.chunk
-  q, k, v, g = (common.pad_time(x, padded) for x in (q, k, v, g))
-  gamma = common.chunk_cumsum(g, blocks.chunk)
+  q, k, v = (common.pad_time(x, padded) for x in (q, k, v))
+  if g is None:  # Not a cumulative sum of zeros, which XLA spends seconds constant-folding.
+    gamma = jnp.zeros(q.shape[:3], jnp.float32)
+  else:
+    gamma = common.chunk_cumsum(common.pad_time(g, padded), blocks.chunk)
   w = None
   if beta is not None:
     w, v = chip.wy(k, v, common.pad_time(beta, padded), gamma, chunk=blocks.chunk,
@@ -53,8 +56,9 @@ def _bwd(chip, blocks, interpret, scale, xla_form, residuals, cotangents):
   del chip, interpret
   q, k, v, beta, g, state0 = residuals
   run = lambda q, k, v, beta, g, s: xla_form(q, k, v, beta, g, scale, s, blocks.chunk)
-  _, vjp = jax.vjp(run, q, k, v, beta, g, state0)
-  return vjp(cotangents)
+  outs, vjp = jax.vjp(run, q, k, v, beta, g, state0)
+  # The XLA form returns float32 outputs; the kernel returns them in q's dtype.
+  return vjp(jax.tree.map(lambda c, o: c.astype(o.dtype), cotangents, outs))
 
 
 _differentiable.defvjp(_fwd, _bwd)
@@ -67,7 +71,7 @@ def delta_rule(chip, q, k, v, beta, g, *, scale, initial_state, blocks, interpre
   Args:
     chip: the kernel module (`memjax.kernels.delta_rule.gpu` or `.tpu`).
     q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] or None; g: [B, T, H] log-decays
-      (zeros for none); initial_state: [B, H, K, V] float32.
+      or None; initial_state: [B, H, K, V] float32.
     scale: output scale.
     blocks: `common.BlockSizes`.
     interpret: run the kernel bodies in the Pallas interpreter (the value of `interpret=`).

@@ -110,8 +110,6 @@ def _xla(q, k, v, beta, g, scale, state, chunk_size):
 
 
 def _pallas(q, k, v, beta, g, scale, state, chunk_size):
-  if g is None:
-    g = jnp.zeros(q.shape[:3], jnp.float32)
   return chunked.on_default_backend(
       q, k, v, beta, g, scale=scale, initial_state=state, chunk_size=chunk_size,
       xla_form=_xla)

@@ -81,8 +81,6 @@ def _xla(q, k, v, g, scale, state, chunk_size):
 
 
 def _pallas(q, k, v, g, scale, state, chunk_size):
-  if g is None:
-    g = jnp.zeros(q.shape[:3], jnp.float32)
   return chunked.on_default_backend(
       q, k, v, None, g, scale=scale, initial_state=state, chunk_size=chunk_size,
       xla_form=lambda q, k, v, beta, g, *rest: _xla(q, k, v, g, *rest))

@@ -78,10 +78,11 @@ def test_chunk_sizes_and_square_heads(key, chunk):
   assert_close(final, final_ref, RTOL[jnp.float32], "final state")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("op", ["delta_rule", "linear_attention"])
-def test_vjp_matches_reference(key, op):
-  x = memory_inputs(key, 1, 37, 2, 64, 64, dtype=jnp.float32)
-  cotangents = (jax.random.normal(jax.random.fold_in(key, 1), x["v"].shape),
+def test_vjp_matches_reference(key, op, dtype):
+  x = memory_inputs(key, 1, 37, 2, 64, 64, dtype=dtype)
+  cotangents = (jax.random.normal(jax.random.fold_in(key, 1), x["v"].shape).astype(dtype),
                 jax.random.normal(jax.random.fold_in(key, 2), x["initial_state"].shape))
   _, pullback = jax.vjp(_kernel(op, "gpu", BlockSizes(chunk=16, value=64)), *_args(x))
   _, pullback_ref = jax.vjp(_reference(op), *_args(x))
@@ -89,7 +90,8 @@ def test_vjp_matches_reference(key, op):
   for name, got, want in zip(names, pullback(cotangents), pullback_ref(cotangents)):
     if op == "linear_attention" and name == "dbeta":
       continue  # linear attention has no beta: both cotangents are zero by construction
-    assert_close(got, want, GRAD_RTOL[jnp.float32], name)
+    assert got.dtype == want.dtype, name
+    assert_close(got, want, GRAD_RTOL[dtype], name)
 
 
 def test_ops_route_to_the_kernel_on_request(key):
