@@ -4,7 +4,8 @@ Variants: the default is the CPU main job (sequence 128, 8 key-value pairs;
 measured 6 minutes on 2 cores, held-out accuracy 0.9952); `gpu` is a harder task
 (sequence 256, 32 pairs, vocab 8192) and a larger model (about 2.5 minutes on one
 H200; about 0.99); `tiny` is a few steps of a tiny model, for tests; `mom` is the
-CPU job with Mixture-of-Memories layers (`mom,mom`; accuracy not yet measured).
+CPU job with Mixture-of-Memories layers (`mom,mom`; accuracy not yet measured); `lmm`
+is the CPU job with Titans neural-memory layers (`lmm,lmm`; accuracy not yet measured).
 From the repo root:
 
   python experiments/train.py
@@ -12,6 +13,8 @@ From the repo root:
       --workdir=/tmp/memjax/mqar_gpu
   python experiments/train.py --config=experiments/configs/mqar.py:mom \
       --workdir=/tmp/memjax/mqar_mom
+  python experiments/train.py --config=experiments/configs/mqar.py:lmm \
+      --workdir=/tmp/memjax/mqar_lmm
   python experiments/train.py --config.train.num_steps=3000 \
       --config.model.mixers=attn,gdn --workdir=/tmp/memjax/mqar_mixed
 
@@ -25,14 +28,14 @@ only with XLA_FLAGS=--xla_gpu_deterministic_ops=true.
 import ml_collections
 from ml_collections import config_dict
 
-_VARIANTS = ("cpu", "gpu", "tiny", "mom")
+_VARIANTS = ("cpu", "gpu", "tiny", "mom", "lmm")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config of one variant.
 
   Args:
-    arg: "cpu" (also None or ""), "gpu", "tiny" or "mom".
+    arg: "cpu" (also None or ""), "gpu", "tiny", "mom" or "lmm".
 
   Returns:
     The ConfigDict with sections `model`, `data` and `train`.
@@ -42,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant {arg!r}; expected one of {_VARIANTS}.")
 
   def pick(cpu, gpu, tiny):
-    return {"cpu": cpu, "gpu": gpu, "tiny": tiny, "mom": cpu}[variant]
+    return {"cpu": cpu, "gpu": gpu, "tiny": tiny, "mom": cpu, "lmm": cpu}[variant]
 
   # One reference for both sections: the model must embed every task token.
   vocab_size = config_dict.FieldReference(pick(256, 8192, 64))
@@ -52,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(
           vocab_size=vocab_size,
           d_model=pick(64, 256, 32),
-          mixers="mom,mom" if variant == "mom" else pick("gdn,gdn", "gdn,gdn", "gdn"),
+          mixers=("mom,mom" if variant == "mom" else "lmm,lmm" if variant == "lmm"
+                  else pick("gdn,gdn", "gdn,gdn", "gdn")),
           num_heads=pick(2, 4, 2),
           mlp_ratio=2.0,
           tie_embeddings=True,
