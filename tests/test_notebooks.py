@@ -1,6 +1,5 @@
 """Executes every notebook in colabs/ in its small mode (MEMJAX_NOTEBOOK_SMALL=1)."""
 
-import os
 import pathlib
 
 import nbclient

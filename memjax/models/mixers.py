@@ -1,6 +1,6 @@
 """The token mixers a decoder layer can use, by name, and the parser of per-layer specs."""
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import flax.linen as nn
 
