@@ -20,6 +20,7 @@ where the tiles come from.
 import dataclasses
 
 import jax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 from jax import lax
 
@@ -59,6 +60,18 @@ def unsupported(k: jax.Array, v: jax.Array, chunk_size: int):
   if k.dtype not in (jnp.float32, jnp.bfloat16):
     return f"needs float32 or bfloat16 inputs, got {k.dtype}"
   return None
+
+
+def tile(i: int):
+  """Rows of the i-th SUB-row tile of a chunk, as a ref index."""
+  return pl.ds(i * SUB, SUB)
+
+
+def tile_writer(ref):
+  """`write(i, x)` storing tile i of a [C, D] ref (the `store_*` of `wy_chunk`)."""
+  def write(i, x):
+    ref[tile(i), :] = x.astype(ref.dtype)
+  return write
 
 
 def pad_time(x, length: int):

@@ -34,19 +34,14 @@ def _time_second(x):
 def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, *, chunk, precise):
   """k, w [C, K]; v, u [C, V]: one chunk of one head; beta, gamma [1, T]: the whole head."""
   start = pl.program_id(2) * chunk
-  tile = lambda i: pl.ds(i * common.SUB, common.SUB)
+  tile = common.tile
   gate_tile = lambda i: pl.ds(start + i * common.SUB, common.SUB)
-
-  def store(ref):
-    def write(i, x):
-      ref[tile(i), :] = x.astype(ref.dtype)
-    return write
-
   common.wy_chunk(
       load_k=lambda i: k_ref[tile(i), :], load_v=lambda i: v_ref[tile(i), :],
       load_beta=lambda i: beta_ref[0, gate_tile(i)],
       load_gamma=lambda i: gamma_ref[0, gate_tile(i)],
-      store_w=store(w_ref), store_u=store(u_ref), chunk=chunk, precise=precise)
+      store_w=common.tile_writer(w_ref), store_u=common.tile_writer(u_ref), chunk=chunk,
+      precise=precise)
 
 
 def wy(k, v, beta, gamma, *, chunk, interpret):
