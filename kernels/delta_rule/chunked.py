@@ -1,12 +1,16 @@
-"""The differentiable delta-rule and linear-attention kernels, for any chip's two passes.
+"""The differentiable delta-rule and linear-attention kernels, for any chip's passes.
 
 `memjax.ops.delta_rule` / `linear_attention` validate their inputs and call these with the
-chip's kernel module (`gpu` or `tpu`): a module with `wy(k, v, beta, gamma, *, chunk,
-interpret)` and `state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype,
-interpret)`.
+chip's kernel module (`gpu` or `tpu`): a module with the forward passes
+`wy(k, v, beta, gamma, *, chunk, interpret, inverse)` and `state(q, k, u, w, gamma,
+state0, *, chunk, value_block, scale, out_dtype, interpret, save_starts)`, and the backward
+passes `state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpret)`
+and `chunk_grads(q, k, v, w, u, a, do, dvn, beta, gamma, starts, dends, *, chunk,
+value_block, scale, interpret)` (see `backward`).
 
-The backward pass is, for now, the vector-Jacobian product of the chunkwise XLA form
-(recomputed from the inputs; nothing but the inputs is saved).
+The forward saves the inputs and every chunk's start state [B, H, N, K, V] float32; the
+backward reruns the `wy` pass (now also writing each chunk's inverse `(I + L)^-1`) and
+recomputes everything per token from those.
 """
 
 import functools
@@ -23,49 +27,74 @@ from memjax.kernels.delta_rule import tpu
 DEFAULT_VALUE_BLOCK = {"gpu": 64, "tpu": 128}
 
 
-def _forward(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
-  """Pads T to a multiple of the chunk, runs the passes, returns (o [B, T, H, V], final)."""
-  length = q.shape[1]
-  padded = -(-length // blocks.chunk) * blocks.chunk
-  q, k, v = (common.pad_time(x, padded) for x in (q, k, v))
-  if g is None:  # Not a cumulative sum of zeros, which XLA spends seconds constant-folding.
+def _padded(chunk, q, k, v, beta, g):
+  """Inputs zero-padded to a multiple of the chunk, and gamma [B, T', H] float32 (zeros for
+  `g=None`: not a cumulative sum of zeros, which XLA spends seconds constant-folding)."""
+  length = -(-q.shape[1] // chunk) * chunk
+  q, k, v = (common.pad_time(x, length) for x in (q, k, v))
+  beta = None if beta is None else common.pad_time(beta, length)
+  if g is None:
     gamma = jnp.zeros(q.shape[:3], jnp.float32)
   else:
-    gamma = common.chunk_cumsum(common.pad_time(g, padded), blocks.chunk)
-  w = None
-  if beta is not None:
-    w, v = chip.wy(k, v, common.pad_time(beta, padded), gamma, chunk=blocks.chunk,
-                   interpret=interpret)
-  o, final = chip.state(q, k, v, w, gamma, state0, chunk=blocks.chunk,
-                        value_block=blocks.value, scale=scale, out_dtype=q.dtype,
-                        interpret=interpret)
-  return o[:, :length], final
+    gamma = common.chunk_cumsum(common.pad_time(g, length), chunk)
+  return q, k, v, beta, gamma
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _differentiable(chip, blocks, interpret, scale, xla_form, q, k, v, beta, g, state0):
-  return _forward(chip, blocks, interpret, scale, q, k, v, beta, g, state0)
+def _wy(chip, blocks, interpret, k, v, beta, gamma, inverse=False):
+  """(W, U) of the delta rule, and with `inverse` the chunks' `(I + L)^-1`; (None, V) and
+  None for linear attention (beta None)."""
+  if beta is None:
+    return (None, v, None) if inverse else (None, v)
+  return chip.wy(k, v, beta, gamma, chunk=blocks.chunk, interpret=interpret, inverse=inverse)
 
 
-def _fwd(chip, blocks, interpret, scale, xla_form, q, k, v, beta, g, state0):
-  out = _forward(chip, blocks, interpret, scale, q, k, v, beta, g, state0)
-  return out, (q, k, v, beta, g, state0)
+def _forward(chip, blocks, interpret, scale, save_starts, q, k, v, beta, g, state0):
+  """Runs the forward passes; returns (o [B, T, H, V], final) and, if `save_starts`, the
+  chunk-start states [B, H, N, K, V]."""
+  length = q.shape[1]
+  q, k, v, beta, gamma = _padded(blocks.chunk, q, k, v, beta, g)
+  w, u = _wy(chip, blocks, interpret, k, v, beta, gamma)
+  out = chip.state(q, k, u, w, gamma, state0, chunk=blocks.chunk, value_block=blocks.value,
+                   scale=scale, out_dtype=q.dtype, interpret=interpret,
+                   save_starts=save_starts)
+  return (out[0][:, :length], out[1]) + tuple(out[2:])
 
 
-def _bwd(chip, blocks, interpret, scale, xla_form, residuals, cotangents):
-  del chip, interpret
-  q, k, v, beta, g, state0 = residuals
-  run = lambda q, k, v, beta, g, s: xla_form(q, k, v, beta, g, scale, s, blocks.chunk)
-  outs, vjp = jax.vjp(run, q, k, v, beta, g, state0)
-  # The XLA form returns float32 outputs; the kernel returns them in q's dtype.
-  return vjp(jax.tree.map(lambda c, o: c.astype(o.dtype), cotangents, outs))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _differentiable(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
+  return _forward(chip, blocks, interpret, scale, False, q, k, v, beta, g, state0)
+
+
+def _fwd(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
+  o, final, starts = _forward(chip, blocks, interpret, scale, True, q, k, v, beta, g, state0)
+  return (o, final), (q, k, v, beta, g, starts)
+
+
+def _bwd(chip, blocks, interpret, scale, residuals, cotangents):
+  q, k, v, beta, g, starts = residuals
+  do, dfinal = cotangents
+  length = q.shape[1]
+  qp, kp, vp, betap, gamma = _padded(blocks.chunk, q, k, v, beta, g)
+  w, u, a = _wy(chip, blocks, interpret, kp, vp, betap, gamma, inverse=True)
+  do = common.pad_time(do.astype(q.dtype), qp.shape[1])
+  dends, dvn, dstate0 = chip.state_grad(qp, kp, w, do, gamma, dfinal, chunk=blocks.chunk,
+                                        value_block=blocks.value, scale=scale,
+                                        interpret=interpret)
+  dq, dk, dv, dbeta, dgamma = chip.chunk_grads(
+      qp, kp, vp, w, u, a, do, dvn, betap, gamma, starts, dends, chunk=blocks.chunk,
+      value_block=blocks.value, scale=scale, interpret=interpret)
+  # gamma_i = g_1 + ... + g_i inside a chunk, so dg_t = dgamma_t + ... + dgamma_C.
+  b, t, h = dgamma.shape
+  dgamma = dgamma.reshape(b, t // blocks.chunk, blocks.chunk, h)
+  dg = jnp.flip(jnp.cumsum(jnp.flip(dgamma, 2), axis=2), 2).reshape(b, t, h)
+  cut = lambda x, like: None if like is None else x[:, :length].astype(like.dtype)
+  return (cut(dq, q), cut(dk, k), cut(dv, v), cut(dbeta, beta), cut(dg, g), dstate0)
 
 
 _differentiable.defvjp(_fwd, _bwd)
 
 
-def delta_rule(chip, q, k, v, beta, g, *, scale, initial_state, blocks, interpret,
-               xla_form):
+def delta_rule(chip, q, k, v, beta, g, *, scale, initial_state, blocks, interpret):
   """`(o, final_state)` of the gated delta rule (linear attention when `beta` is None).
 
   Args:
@@ -75,18 +104,16 @@ def delta_rule(chip, q, k, v, beta, g, *, scale, initial_state, blocks, interpre
     scale: output scale.
     blocks: `common.BlockSizes`.
     interpret: run the kernel bodies in the Pallas interpreter (the value of `interpret=`).
-    xla_form: `f(q, k, v, beta, g, scale, state, chunk_size) -> (o, final)`, the chunkwise
-      XLA form of the same op, whose vjp is the backward pass.
 
   Returns:
     o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32.
   """
   common.check_blocks(blocks, v.shape[-1])
-  return _differentiable(chip, blocks, interpret, scale, xla_form, q, k, v, beta, g,
+  return _differentiable(chip, blocks, interpret, scale, q, k, v, beta, g,
                          initial_state.astype(jnp.float32))
 
 
-def on_default_backend(q, k, v, beta, g, *, scale, initial_state, chunk_size, xla_form):
+def on_default_backend(q, k, v, beta, g, *, scale, initial_state, chunk_size):
   """`delta_rule` with the default backend's kernels and block sizes: Mosaic on a TPU,
   Triton on a GPU, the GPU body in the Pallas interpreter elsewhere. Arguments as in
   `delta_rule`; `chunk_size` is the chunk of the blocks."""
@@ -95,4 +122,4 @@ def on_default_backend(q, k, v, beta, g, *, scale, initial_state, chunk_size, xl
   value_block = DEFAULT_VALUE_BLOCK["tpu" if backend == "tpu" else "gpu"]
   blocks = common.BlockSizes(chunk=chunk_size, value=min(value_block, v.shape[-1]))
   return delta_rule(chip, q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                    blocks=blocks, interpret=backend not in ("gpu", "tpu"), xla_form=xla_form)
+                    blocks=blocks, interpret=backend not in ("gpu", "tpu"))

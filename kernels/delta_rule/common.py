@@ -157,39 +157,50 @@ def invert_unit_lower_tile(lower):
   return inverse
 
 
-def wy_chunk(load_k, load_v, load_beta, load_gamma, store_w, store_u, chunk, precise):
+def wy_chunk(load_k, load_v, load_beta, load_gamma, store_w, store_u, chunk, precise,
+             store_a=None):
   """The UT transform of one chunk by blocked forward substitution over SUB-row tiles.
 
   For tile i: `X_i = (I + L_ii)^-1 (R_i - sum_{j<i} L_ij X_j)` with
   `L_ij = diag(beta_i) (K_i K_j^T * exp(gamma_i - gamma_j))` (strictly lower for j = i),
-  X = W (R = diag(beta e^gamma) K) and X = U (R = diag(beta) V) together.
+  X = W (R = diag(beta e^gamma) K) and X = U (R = diag(beta) V) together, and, for the
+  backward, X = A = (I + L)^-1 itself (R = I).
 
   Args:
     load_k, load_v, load_beta, load_gamma: `load(i)` -> tile i of k [SUB, K], v [SUB, V],
       beta [SUB], gamma [SUB].
     store_w, store_u: `store(i, value)` for tile i of W [SUB, K] and U [SUB, V] (float32).
+    store_a: None, or `store(i, value)` for tile i of A [SUB, C] (float32).
     chunk: C, a multiple of SUB.
     precise: float32 matmuls (float32 inputs). Otherwise only the diagonal tiles' inverses
       are float32 and the products run on bfloat16 tensor cores: W and U are stored in
       bfloat16 anyway, and the [SUB, SUB] inverses are where rounding would compound.
   """
-  keys, gammas, ws, us = [], [], [], []
+  keys, gammas, ws, us, inverses = [], [], [], [], []
   for i in range(chunk // SUB):
     k_i = load_k(i).astype(jnp.float32)
     beta_i = load_beta(i).astype(jnp.float32)
     gamma_i = load_gamma(i)
     r_w = (beta_i * jnp.exp(gamma_i))[:, None] * k_i
     r_u = beta_i[:, None] * load_v(i).astype(jnp.float32)
+    if store_a is not None:
+      rows = lax.broadcasted_iota(jnp.int32, (SUB, chunk), 0) + i * SUB
+      r_a = (rows == lax.broadcasted_iota(jnp.int32, (SUB, chunk), 1)).astype(jnp.float32)
     for j in range(i):
       l_ij = beta_i[:, None] * mm_nt(k_i, keys[j], precise) * decay_matrix(
           gamma_i, gammas[j], "none")
       r_w = r_w - mm(l_ij, ws[j], precise)
       r_u = r_u - mm(l_ij, us[j], precise)
+      if store_a is not None:
+        r_a = r_a - mm(l_ij, inverses[j], precise)
     l_ii = beta_i[:, None] * mm_nt(k_i, k_i, precise) * decay_matrix(gamma_i, gamma_i, "strict")
     inverse = invert_unit_lower_tile(l_ii)
     w_i, u_i = mm(inverse, r_w, precise), mm(inverse, r_u, precise)
     store_w(i, w_i)
     store_u(i, u_i)
+    if store_a is not None:
+      inverses.append(mm(inverse, r_a, precise))
+      store_a(i, inverses[-1])
     keys.append(k_i)
     gammas.append(gamma_i)
     ws.append(w_i)

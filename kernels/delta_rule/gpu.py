@@ -4,6 +4,10 @@ Two `pallas_call`s (see `common`): the `wy` pass, one program per (batch, head, 
 the `state` pass, one program per (batch, head, value block) walking the chunks in order
 with the state in registers. Inputs keep the [B, T, H, D] layout: a program's rows are
 strided by H * D but each row is contiguous.
+
+The backward (see `backward`) has the same shape: `state_grad` walks the chunks in reverse
+with the state cotangent in registers, one program per (value block, batch, head), and
+`chunk_grads` runs one program per (batch, head, chunk) on the saved chunk states.
 """
 
 import functools
@@ -14,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from memjax.kernels import compat
+from memjax.kernels.delta_rule import backward
 from memjax.kernels.delta_rule import common
 
 # From a sweep on an H200 (B=8, T=4096, H=16, K=V=128, bf16; 1-16 warps, 1-3 stages, value
@@ -23,6 +28,8 @@ from memjax.kernels.delta_rule import common
 _WY_WARPS = 2
 _STATE_WARPS = 4
 _STAGES = 2
+# The backward chunk pass holds [C, K] and [C, C] float32 cotangents across value blocks.
+_GRAD_WARPS = 8
 
 
 def _stages(*arrays) -> int:
@@ -32,39 +39,48 @@ def _stages(*arrays) -> int:
   return 1 if wide else _STAGES
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, *, chunk, precise):
-  """Refs are one chunk of one head: k, w [C, K]; v, u [C, V]; beta, gamma [C]."""
+def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, *a_ref, chunk, precise):
+  """Refs are one chunk of one head: k, w [C, K]; v, u [C, V]; beta, gamma [C]; a [C, C]
+  (the inverse `(I + L)^-1`, only when asked for)."""
   tile = common.tile
   common.wy_chunk(
       load_k=lambda i: k_ref[tile(i), :], load_v=lambda i: v_ref[tile(i), :],
       load_beta=lambda i: beta_ref[tile(i)], load_gamma=lambda i: gamma_ref[tile(i)],
       store_w=common.tile_writer(w_ref), store_u=common.tile_writer(u_ref), chunk=chunk,
-      precise=precise)
+      precise=precise, store_a=common.tile_writer(a_ref[0]) if a_ref else None)
 
 
-def wy(k, v, beta, gamma, *, chunk, interpret):
-  """W and U of every chunk, [B, T, H, K] and [B, T, H, V] in k's dtype (T % chunk == 0)."""
+def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
+  """W and U of every chunk, [B, T, H, K] and [B, T, H, V] in k's dtype (T % chunk == 0);
+  with `inverse`, also every chunk's `(I + L)^-1` as [B, T, H, C] float32 (row t holds
+  its chunk's row t % C)."""
   b, t, h, dk = k.shape
   dv = v.shape[-1]
   rows = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, n: (i, n, j, 0))
   gates = pl.BlockSpec((None, chunk, None), lambda i, j, n: (i, n, j))
   kernel = functools.partial(_wy_kernel, chunk=chunk, precise=k.dtype == jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, k.dtype)]
+  out_specs = [rows(dk), rows(dv)]
+  if inverse:
+    out_shape.append(jax.ShapeDtypeStruct((b, t, h, chunk), jnp.float32))
+    out_specs.append(rows(chunk))
   return pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, k.dtype)),
+      out_shape=tuple(out_shape),
       grid=(b, h, t // chunk),
       in_specs=[rows(dk), rows(dv), gates, gates],
-      out_specs=(rows(dk), rows(dv)),
+      out_specs=tuple(out_specs),
       compiler_params=compat.triton_params(_WY_WARPS, _stages(k, v)),
       interpret=interpret,
       name="delta_rule_wy",
   )(k, v, beta, gamma)
 
 
-def _state_kernel(*refs, chunk, scale, precise, delta):
+def _state_kernel(*refs, chunk, scale, precise, delta, save_starts):
   """Refs are one head's whole sequence: q, k, w [T, K]; u [T, Vb]; gamma [T];
-  state0, final [K, Vb]; o [T, Vb]."""
+  state0, final [K, Vb]; o [T, Vb]; starts [N, K, Vb] when `save_starts`."""
+  refs = list(refs)
+  starts_ref = refs.pop() if save_starts else None
   if delta:
     q_ref, k_ref, u_ref, w_ref, gamma_ref, state0_ref, o_ref, final_ref = refs
   else:
@@ -73,6 +89,8 @@ def _state_kernel(*refs, chunk, scale, precise, delta):
 
   def step(n, state):
     rows = pl.ds(n * chunk, chunk)
+    if save_starts:
+      starts_ref[n, :, :] = state
     w = w_ref[rows, :] if delta else None
     o, state = common.state_chunk(
         q_ref[rows, :], k_ref[rows, :], u_ref[rows, :], w, gamma_ref[rows],
@@ -84,13 +102,16 @@ def _state_kernel(*refs, chunk, scale, precise, delta):
   final_ref[...] = lax.fori_loop(0, num_chunks, step, state0_ref[...])
 
 
-def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, interpret):
+def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, interpret,
+          save_starts=False):
   """Outputs [B, T, H, V] and final state [B, H, K, V] (float32) of the state pass.
 
   Args:
     q, k: [B, T, H, K]; u: U or V [B, T, H, V]; w: W [B, T, H, K] or None (linear
       attention); gamma: [B, T, H] float32 chunk-local cumulative log-decays;
     state0: [B, H, K, V] float32.
+    save_starts: also return every chunk's start state [B, H, N, K, V] float32 (the
+      residual of the backward pass).
   """
   b, t, h, dk = q.shape
   dv = u.shape[-1]
@@ -102,17 +123,160 @@ def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, in
   states = pl.BlockSpec((None, None, dk, value_block), lambda c, i, j: (i, j, 0, c))
   delta = w is not None
   kernel = functools.partial(_state_kernel, chunk=chunk, scale=scale,
-                             precise=q.dtype == jnp.float32, delta=delta)
+                             precise=q.dtype == jnp.float32, delta=delta,
+                             save_starts=save_starts)
   inputs = [q, k, u] + ([w] if delta else []) + [gamma, state0]
   in_specs = [keys, keys, values] + ([keys] if delta else []) + [gates, states]
+  out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), out_dtype),
+               jax.ShapeDtypeStruct(state0.shape, jnp.float32)]
+  out_specs = [values, states]
+  if save_starts:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), jnp.float32))
+    out_specs.append(_chunk_states(t // chunk, dk, value_block))
   return pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, t, h, dv), out_dtype),
-                 jax.ShapeDtypeStruct(state0.shape, jnp.float32)),
+      out_shape=tuple(out_shape),
       grid=(dv // value_block, b, h),
       in_specs=in_specs,
-      out_specs=(values, states),
+      out_specs=tuple(out_specs),
       compiler_params=compat.triton_params(_STATE_WARPS, _stages(q, u)),
       interpret=interpret,
       name="delta_rule_state" if delta else "linear_attention_state",
   )(*inputs)
+
+
+def _chunk_states(num_chunks, dk, value_block):
+  """Block of one head's per-chunk states [N, K, Vb] in [B, H, N, K, V] (state-pass grid)."""
+  return pl.BlockSpec((None, None, num_chunks, dk, value_block),
+                      lambda c, i, j: (i, j, 0, 0, c))
+
+
+def _state_grad_kernel(*refs, chunk, scale, precise, delta):
+  """Refs are one head's whole sequence: q, k, w [T, K]; do, dvn [T, Vb]; gamma [T];
+  dfinal, dstate0 [K, Vb]; dends [N, K, Vb]."""
+  if delta:
+    q_ref, k_ref, w_ref, *refs = refs
+  else:
+    (q_ref, k_ref, *refs), w_ref = refs, None
+  do_ref, gamma_ref, dfinal_ref, dends_ref, dvn_ref, dstate0_ref = refs
+  num_chunks = q_ref.shape[0] // chunk
+
+  def step(i, dstate):
+    n = num_chunks - 1 - i
+    rows = pl.ds(n * chunk, chunk)
+    dends_ref[n, :, :] = dstate
+    w = w_ref[rows, :] if delta else None
+    dstate, dv_new = backward.state_grad_chunk(
+        q_ref[rows, :], k_ref[rows, :], w, do_ref[rows, :], gamma_ref[rows],
+        gamma_ref[n * chunk + chunk - 1], dstate, scale, precise)
+    dvn_ref[rows, :] = dv_new
+    return dstate
+
+  dstate0_ref[...] = lax.fori_loop(0, num_chunks, step, dfinal_ref[...])
+
+
+def state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpret):
+  """Backward state pass: the chunks in reverse, the state cotangent on chip.
+
+  Args:
+    q, k: [B, T, H, K]; w: W [B, T, H, K] or None (linear attention); do: output cotangent
+      [B, T, H, V]; gamma: [B, T, H] float32; dfinal: final-state cotangent [B, H, K, V].
+
+  Returns:
+    `(dends, dvn, dstate0)`, float32: the cotangents of every chunk's end state
+    [B, H, N, K, V], of Vn [B, T, H, V] (see `backward`) and of the initial state
+    [B, H, K, V].
+  """
+  b, t, h, dk = q.shape
+  dv = do.shape[-1]
+  keys = pl.BlockSpec((None, t, None, dk), lambda c, i, j: (i, 0, j, 0))
+  values = pl.BlockSpec((None, t, None, value_block), lambda c, i, j: (i, 0, j, c))
+  gates = pl.BlockSpec((None, t, None), lambda c, i, j: (i, 0, j))
+  states = pl.BlockSpec((None, None, dk, value_block), lambda c, i, j: (i, j, 0, c))
+  delta = w is not None
+  kernel = functools.partial(_state_grad_kernel, chunk=chunk, scale=scale,
+                             precise=q.dtype == jnp.float32, delta=delta)
+  inputs = [q, k] + ([w] if delta else []) + [do, gamma, dfinal.astype(jnp.float32)]
+  in_specs = [keys, keys] + ([keys] if delta else []) + [values, gates, states]
+  return pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((b, t, h, dv), jnp.float32),
+                 jax.ShapeDtypeStruct(dfinal.shape, jnp.float32)),
+      grid=(dv // value_block, b, h),
+      in_specs=in_specs,
+      out_specs=(_chunk_states(t // chunk, dk, value_block), values, states),
+      compiler_params=compat.triton_params(_STATE_WARPS, _stages(q, do)),
+      interpret=interpret,
+      name="delta_rule_state_grad" if delta else "linear_attention_state_grad",
+  )(*inputs)
+
+
+def _chunk_grads_kernel(*refs, names, value_block, scale, precise, delta):
+  """Refs (named by `names`) are one chunk of one head: q, k, w, dq, dk [C, K]; a [C, C];
+  v, u, do, dvn, dv [C, V]; beta, gamma, dbeta, dgamma [C]; state0, dstate1 [K, V]."""
+  ref = dict(zip(names, refs))
+
+  def load(name, cols):
+    return ref[name][...] if cols is None else ref[name][:, cols]
+
+  def store(name, value, cols):
+    if cols is None:
+      ref[name][...] = value.astype(ref[name].dtype)
+    else:
+      ref[name][:, cols] = value.astype(ref[name].dtype)
+
+  chunk = ref["gamma"].shape[0]
+  backward.chunk_grads(load, lambda name: ref[name][...], store,
+                       gamma_last=ref["gamma"][chunk - 1], value_dim=ref["v"].shape[1],
+                       value_block=value_block, scale=scale, precise=precise, delta=delta)
+
+
+def chunk_grads(q, k, v, w, u, a, do, dvn, beta, gamma, starts, dends, *, chunk, value_block,
+                scale, interpret):
+  """Backward chunk pass: dq, dk, dv (inputs' dtype), dbeta, dgamma ([B, T, H] float32).
+
+  Args:
+    q, k: [B, T, H, K]; v: [B, T, H, V]; w, u, a: W, U and the inverse `(I + L)^-1` [B, T,
+      H, C] from `wy` (None for linear attention); do, dvn: the output cotangent and dVn
+      from `state_grad` [B, T, H, V]; beta: [B, T, H] or None; gamma: [B, T, H] float32;
+    starts, dends: every chunk's start state and end-state cotangent [B, H, N, K, V].
+    value_block: columns of V per step of the value loop.
+
+  Returns:
+    `(dq, dk, dv, dbeta, dgamma)`; dbeta is None for linear attention.
+  """
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  delta = w is not None
+  rows = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, n: (i, n, j, 0))
+  gates = pl.BlockSpec((None, chunk, None), lambda i, j, n: (i, n, j))
+  states = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
+  inputs = {"q": (q, rows(dk)), "k": (k, rows(dk)), "v": (v, rows(dv)),
+            "do": (do, rows(dv)), "dvn": (dvn, rows(dv)), "gamma": (gamma, gates),
+            "state0": (starts, states), "dstate1": (dends, states)}
+  if delta:
+    inputs.update(w=(w, rows(dk)), u=(u, rows(dv)), a=(a, rows(chunk)), beta=(beta, gates))
+  gate_grad = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
+  outputs = {"dq": (jax.ShapeDtypeStruct(q.shape, q.dtype), rows(dk)),
+             "dk": (jax.ShapeDtypeStruct(k.shape, k.dtype), rows(dk)),
+             "dgamma": (gate_grad, gates)}
+  if delta:
+    outputs.update(dv=(jax.ShapeDtypeStruct(v.shape, v.dtype), rows(dv)),
+                   dbeta=(gate_grad, gates))
+  kernel = functools.partial(
+      _chunk_grads_kernel, names=tuple(inputs) + tuple(outputs),
+      value_block=value_block, scale=scale, precise=q.dtype == jnp.float32, delta=delta)
+  grads = pl.pallas_call(
+      kernel,
+      out_shape=tuple(shape for shape, _ in outputs.values()),
+      grid=(b, h, t // chunk),
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=tuple(spec for _, spec in outputs.values()),
+      compiler_params=compat.triton_params(_GRAD_WARPS, 1),
+      interpret=interpret,
+      name="delta_rule_chunk_grads" if delta else "linear_attention_chunk_grads",
+  )(*(array for array, _ in inputs.values()))
+  grads = dict(zip(outputs, grads))
+  dv_out = grads["dv"] if delta else dvn.astype(v.dtype)
+  return grads["dq"], grads["dk"], dv_out, grads.get("dbeta"), grads["dgamma"]

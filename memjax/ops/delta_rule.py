@@ -111,8 +111,7 @@ def _xla(q, k, v, beta, g, scale, state, chunk_size):
 
 def _pallas(q, k, v, beta, g, scale, state, chunk_size):
   return chunked.on_default_backend(
-      q, k, v, beta, g, scale=scale, initial_state=state, chunk_size=chunk_size,
-      xla_form=_xla)
+      q, k, v, beta, g, scale=scale, initial_state=state, chunk_size=chunk_size)
 
 
 _IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "pallas": _pallas}

@@ -82,8 +82,7 @@ def _xla(q, k, v, g, scale, state, chunk_size):
 
 def _pallas(q, k, v, g, scale, state, chunk_size):
   return chunked.on_default_backend(
-      q, k, v, None, g, scale=scale, initial_state=state, chunk_size=chunk_size,
-      xla_form=lambda q, k, v, beta, g, *rest: _xla(q, k, v, g, *rest))
+      q, k, v, None, g, scale=scale, initial_state=state, chunk_size=chunk_size)
 
 
 _IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "pallas": _pallas}

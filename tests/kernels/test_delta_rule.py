@@ -1,8 +1,6 @@
 """Delta-rule / linear-attention Pallas kernels (GPU body interpreted, TPU body in TPU
 interpret mode) against the step-by-step reference: outputs, final state and vjp."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,14 +16,8 @@ from memjax.ops import dispatch
 from tests.conftest import GRAD_RTOL, RTOL, assert_close, memory_inputs
 
 _CHIPS = {"gpu": (gpu, True), "tpu": (tpu, compat.tpu_interpret())}
-# The modules, not the functions of the same name that memjax.ops re-exports.
-_DELTA_RULE = importlib.import_module("memjax.ops.delta_rule")
-_LINEAR_ATTENTION = importlib.import_module("memjax.ops.linear_attention")
-_XLA_FORM = {
-    "delta_rule": _DELTA_RULE._xla,
-    "linear_attention": lambda q, k, v, beta, g, *rest: _LINEAR_ATTENTION._xla(
-        q, k, v, g, *rest),
-}
+_VALUE_BLOCK = {"gpu": 64, "tpu": 128}
+_GRADS = ("dq", "dk", "dv", "dbeta", "dg", "dinitial_state")
 
 
 def _kernel(op, chip, blocks):
@@ -34,8 +26,7 @@ def _kernel(op, chip, blocks):
   def run(q, k, v, beta, g, initial_state):
     return chunked.delta_rule(
         module, q, k, v, beta if op == "delta_rule" else None, g, scale=q.shape[-1] ** -0.5,
-        initial_state=initial_state, blocks=blocks, interpret=interpret,
-        xla_form=_XLA_FORM[op])
+        initial_state=initial_state, blocks=blocks, interpret=interpret)
   return run
 
 
@@ -78,19 +69,39 @@ def test_chunk_sizes_and_square_heads(key, chunk):
   assert_close(final, final_ref, RTOL[jnp.float32], "final state")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("op", ["delta_rule", "linear_attention"])
-def test_vjp_matches_reference(key, op, dtype):
-  x = memory_inputs(key, 1, 37, 2, 64, 64, dtype=dtype)
-  cotangents = (jax.random.normal(jax.random.fold_in(key, 1), x["v"].shape).astype(dtype),
+# Every chip x op, both dtypes, gated or not, chunks 16/32/64, T a multiple of no chunk and
+# K != V both ways (transposed tiles would show).
+_VJP_CASES = [
+    # chip, op, dtype, gated, chunk, T, K, V
+    ("gpu", "delta_rule", jnp.float32, True, 16, 37, 64, 128),
+    ("gpu", "delta_rule", jnp.float32, False, 64, 70, 128, 64),
+    ("gpu", "delta_rule", jnp.bfloat16, True, 32, 41, 128, 64),
+    ("gpu", "delta_rule", jnp.bfloat16, False, 16, 37, 64, 128),
+    ("gpu", "linear_attention", jnp.float32, True, 32, 41, 64, 128),
+    ("gpu", "linear_attention", jnp.bfloat16, False, 64, 70, 128, 64),
+    ("tpu", "delta_rule", jnp.float32, True, 32, 41, 128, 64),
+    ("tpu", "delta_rule", jnp.bfloat16, True, 64, 70, 64, 128),
+    ("tpu", "delta_rule", jnp.float32, False, 16, 37, 64, 128),
+    ("tpu", "linear_attention", jnp.float32, False, 16, 37, 128, 64),
+    ("tpu", "linear_attention", jnp.bfloat16, True, 32, 41, 64, 128),
+]
+
+
+@pytest.mark.parametrize("chip,op,dtype,gated,chunk,t,dk,dv", _VJP_CASES)
+def test_vjp_matches_reference(key, chip, op, dtype, gated, chunk, t, dk, dv):
+  x = memory_inputs(key, 1, t, 2, dk, dv, dtype=dtype, gated=gated)
+  cotangents = (jax.random.normal(jax.random.fold_in(key, 1), x["v"].shape, dtype),
                 jax.random.normal(jax.random.fold_in(key, 2), x["initial_state"].shape))
-  _, pullback = jax.vjp(_kernel(op, "gpu", BlockSizes(chunk=16, value=64)), *_args(x))
+  # A value block below V makes the backward's chunk pass walk several value blocks.
+  blocks = BlockSizes(chunk=chunk, value=min(_VALUE_BLOCK[chip], dv // 2 if chip == "gpu"
+                                             else dv))
+  _, pullback = jax.vjp(_kernel(op, chip, blocks), *_args(x))
   _, pullback_ref = jax.vjp(_reference(op), *_args(x))
-  names = ("dq", "dk", "dv", "dbeta", "dg", "dinitial_state")
-  for name, got, want in zip(names, pullback(cotangents), pullback_ref(cotangents)):
+  for name, got, want, primal in zip(_GRADS, pullback(cotangents), pullback_ref(cotangents),
+                                     _args(x)):
     if op == "linear_attention" and name == "dbeta":
       continue  # linear attention has no beta: both cotangents are zero by construction
-    assert got.dtype == want.dtype, name
+    assert got.shape == primal.shape and got.dtype == primal.dtype, name
     assert_close(got, want, GRAD_RTOL[dtype], name)
 
 
