@@ -7,18 +7,22 @@ and V for linear attention), given the output cotangent dO and the cotangent dS1
     dVn = scale A_qk^T dO + Kd dS1
     dS0 = e^gamma_C dS1 + scale (diag(e^gamma) Q)^T dO - W^T dVn
 
-Two passes, both from the chunk-start states S0 that the forward saved:
+Three passes, from the chunk-start states S0 and the Vn that the forward saved:
 
 1. `state_grad_chunk` (parallel over batch, heads and value blocks; sequential over the
    chunks in reverse): dS1 and dVn of every chunk and the cotangent of the initial state.
-2. `chunk_grads` (parallel over batch, heads and chunks): dq, dk, dv, dbeta and d gamma of
-   one chunk. The UT transform is differentiated through the chunk's explicit inverse
-   `A = (I + L)^-1` (W = A R_w, U = A R_u, from the `wy` pass): `dR = A^T dX` and
-   `dL = -strict(A^T dA A^T)`, so every product is a whole-chunk matmul. The value
-   dimension is walked in blocks, accumulating the [C, K] and [C, C] cotangents, so the
-   state tiles held at once are [K, value block].
+2. `qk_grads_chunk` (parallel over key blocks, batch, heads and chunks): everything that
+   sums over V, one value block at a time: dq (final), the part of dk from the outputs
+   and the state, dW = -dVn S0^T, and those parts' d gamma. Every term of d gamma has the
+   form `rowsum(q * dq) - rowsum(k * dk)`, so it splits over key blocks like the rest.
+3. `wy_grads_chunk` (parallel over batch, heads and chunks; delta rule only): back through
+   the UT transform with the chunk's explicit inverse `A = (I + L)^-1` (W = A R_w,
+   U = A R_u): `dR = A^T dX`, `dA = dW R_w^T + dU R_u^T` and `dL = -A^T dA A^T`.
 
-d gamma turns into dg by a reverse cumulative sum inside each chunk (outside the kernels).
+Splitting 2 from 3 keeps each program's float32 accumulators to [C, key block] tiles and
+one [C, C], which the registers hold; one fused pass held three [C, K] and two [C, C]
+and spilled. d gamma turns into dg by a reverse cumulative sum inside each chunk (outside
+the kernels).
 """
 
 from jax.experimental import pallas as pl
@@ -51,100 +55,111 @@ def state_grad_chunk(q, k, w, do, gamma, gamma_last, dstate, scale, precise):
   return dprev, dv_new
 
 
-def _through_pairs(x):
-  """d gamma of `x = dM * M` for M[i, j] carrying exp(gamma_i - gamma_j): [C, C] -> [C]."""
-  return jnp.sum(x, axis=1) - jnp.sum(x, axis=0)
+def _last_row(chunk, value):
+  """[C] float32: `value` at the chunk's last token, zero elsewhere."""
+  rows = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+  return jnp.where(rows == chunk - 1, value, 0.0)
 
 
-def chunk_grads(load, gate, store, *, gamma_last, value_dim, value_block, scale, precise,
-                delta):
-  """Cotangents of one chunk's inputs.
+def qk_grads_chunk(load, gamma, gamma_last, store, *, value_dim, value_block, scale,
+                   precise, delta):
+  """Pass 2 for one chunk and one key block.
 
   Args:
-    load: `load(name, cols)` -> float32 or input-dtype values of one chunk: q, k, w [C, K];
-      a [C, C] (the float32 inverse `(I + L)^-1`); and the column block `cols` (a `pl.ds`)
-      of v, u, do, dvn [C, Vb] and state0, dstate1 [K, Vb] (the saved chunk-start state
-      and the end-state cotangent). `cols` is None for the [C, K] / [C, C] ones.
-    gate: `gate(name)` -> beta or gamma of the chunk [C] (beta only when `delta`).
-    store: `store(name, value, cols)` for dq, dk [C, K], dv [C, Vb] (when `delta`; for
-      linear attention dv is dVn itself) and dbeta (when `delta`), dgamma [C], all float32.
-    gamma_last: gamma[C - 1], a scalar.
+    load: `load(name, cols)` -> values of one chunk: q, k, w [C, Kb] (this key block) when
+      `cols` is None; the column block `cols` (a `pl.ds`) of do, vn, dvn [C, Vb] and of
+      state0, dstate1 [Kb, Vb] (the saved chunk-start state and the end-state cotangent).
+      vn is Vn (V for linear attention); w only when `delta`.
+    gamma: [C] float32; gamma_last: gamma[C - 1], a scalar.
+    store: `store(name, value)` for dq, dk, dw [C, Kb] and dgamma [C], float32 (dw only
+      when `delta`); dk and dgamma are this pass's parts.
     value_dim: V; value_block: Vb, dividing V.
     scale: output scale.
     precise: float32 matmuls (float32 inputs); otherwise bfloat16 operands, float32 sums.
-    delta: delta rule (else linear attention: Vn = V).
+    delta: delta rule (else linear attention).
   """
   q, k = load("q", None), load("k", None)
-  gamma = gate("gamma")
-  chunk, dk = q.shape
-  zeros = lambda rows, cols: jnp.zeros((rows, cols), jnp.float32)
-  dq_state, dk_state, dscores = zeros(chunk, dk), zeros(chunk, dk), zeros(chunk, chunk)
+  chunk, key_block = q.shape
+  zeros = jnp.zeros((chunk, key_block), jnp.float32)
+  dq_state, dk_state, dw = zeros, zeros, zeros
+  dscores = jnp.zeros((chunk, chunk), jnp.float32)
   through_last = jnp.zeros((), jnp.float32)
-  if delta:
-    w, a, beta = load("w", None), load("a", None), gate("beta")
-    dw, da, dbeta = zeros(chunk, dk), zeros(chunk, chunk), jnp.zeros((chunk,), jnp.float32)
-
-  # Everything that sums over V, one value block at a time.
   for j in range(value_dim // value_block):
     cols = pl.ds(j * value_block, value_block)
     state0, dstate1 = load("state0", cols), load("dstate1", cols)
-    do, dv_new = load("do", cols), load("dvn", cols)
-    if delta:
-      v_new = load("u", cols).astype(jnp.float32) - mm(w, state0, precise)
-    else:
-      v_new = load("v", cols).astype(jnp.float32)
+    do, v_new = load("do", cols), load("vn", cols)
     dq_state = dq_state + mm_nt(do, state0, precise)
     dscores = dscores + mm_nt(do, v_new, precise)
     dk_state = dk_state + mm_nt(v_new, dstate1, precise)
     through_last = through_last + jnp.sum(dstate1 * state0)
     if delta:
-      # Vn = U - W S0 and U = A diag(beta) V.
-      dw = dw - mm_nt(dv_new, state0, precise)
-      v = load("v", cols).astype(jnp.float32)
-      dr_u = mm_tn(a, dv_new, precise)
-      store("dv", beta[:, None] * dr_u, cols)
-      dbeta = dbeta + jnp.sum(dr_u * v, axis=1)
-      da = da + mm_nt(dv_new, beta[:, None] * v, precise)
+      dw = dw - mm_nt(load("dvn", cols), state0, precise)  # Vn = U - W S0.
 
-  qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-  # O = scale (diag(e^gamma) Q S0 + A_qk Vn).
-  dq_inter = (scale * jnp.exp(gamma))[:, None] * dq_state
-  dgamma = jnp.sum(dq_inter * qf, axis=1)
-  qk = mm_nt(q, k, precise)
+  # O = scale (diag(e^gamma) Q S0 + A_qk Vn) and S1 = e^gamma_C S0 + Kd^T Vn.
   dscores = scale * dscores * decay_matrix(gamma, gamma, "inclusive")
-  dgamma = dgamma + _through_pairs(dscores * qk)
-  dq = dq_inter + mm(dscores, k, precise)
-  dkey = mm_tn(dscores, q, precise)
-  # S1 = e^gamma_C S0 + Kd^T Vn.
-  to_end = jnp.exp(gamma_last - gamma)[:, None]
-  dk_decayed = to_end * dk_state
-  through = jnp.sum(dk_decayed * kf, axis=1)
-  dkey = dkey + dk_decayed
-  dgamma = dgamma - through
-  dgamma_last = jnp.exp(gamma_last) * through_last + jnp.sum(through)
-
+  dq = (scale * jnp.exp(gamma))[:, None] * dq_state + mm(dscores, k, precise)
+  dk_decayed = jnp.exp(gamma_last - gamma)[:, None] * dk_state
+  dk = mm_tn(dscores, q, precise) + dk_decayed
+  qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+  to_last = jnp.exp(gamma_last) * through_last + jnp.sum(dk_decayed * kf)
+  dgamma = jnp.sum(qf * dq - kf * dk, axis=1) + _last_row(chunk, to_last)
+  store("dq", dq)
+  store("dk", dk)
+  store("dgamma", dgamma)
   if delta:
-    # W = A diag(beta e^gamma) K.
-    beta_decay = beta * jnp.exp(gamma)
-    da = da + mm_nt(dw, beta_decay[:, None] * kf, precise)
-    dr_w = mm_tn(a, dw, precise)
-    dkey = dkey + beta_decay[:, None] * dr_w
+    store("dw", dw)
+
+
+def wy_grads_chunk(load, beta, gamma, store, *, key_dim, value_dim, block, precise):
+  """Pass 3 for one chunk: back through `Vn = U - W S0`'s U and W and the UT transform.
+
+  Args:
+    load: `load(name, cols)` -> values of one chunk for the column block `cols` (a
+      `pl.ds`): k, dw, dk_part [C, Kb] (pass 2's part of dk), v, dvn [C, Vb]; and a [C, C] (the
+      float32 inverse `(I + L)^-1`) when `cols` is None.
+    beta, gamma: [C] float32.
+    store: `store(name, value, cols)` for dk [C, Kb], dv [C, Vb] (column blocks) and dbeta,
+      dgamma [C] (`cols` None), float32; dgamma is this pass's part.
+    key_dim, value_dim: K and V; block: columns per step of the loops over K and V.
+    precise: float32 matmuls (float32 inputs).
+  """
+  a = load("a", None)
+  chunk = a.shape[0]
+  key_blocks = [pl.ds(j * block, block) for j in range(key_dim // block)]
+  value_blocks = [pl.ds(j * block, block) for j in range(value_dim // block)]
+  beta_decay = beta * jnp.exp(gamma)
+  # dA = dW R_w^T + dU R_u^T with R_w = diag(beta e^gamma) K, R_u = diag(beta) V, dU = dVn.
+  da = jnp.zeros((chunk, chunk), jnp.float32)
+  kk = jnp.zeros((chunk, chunk), jnp.float32)
+  for cols in key_blocks:
+    k = load("k", cols)
+    da = da + mm_nt(load("dw", cols), beta_decay[:, None] * k.astype(jnp.float32), precise)
+    kk = kk + mm_nt(k, k, precise)
+  dbeta = jnp.zeros((chunk,), jnp.float32)
+  for cols in value_blocks:
+    dv_new, v = load("dvn", cols), load("v", cols).astype(jnp.float32)
+    da = da + mm_nt(dv_new, beta[:, None] * v, precise)
+    dr_u = mm_tn(a, dv_new, precise)
+    store("dv", beta[:, None] * dr_u, cols)
+    dbeta = dbeta + jnp.sum(dr_u * v, axis=1)
+  # A = (I + L)^-1 with L = strict(diag(beta) (K K^T * decay)). Only dL's strictly lower
+  # part matters: every use below is masked by `decay`.
+  decay = decay_matrix(gamma, gamma, "strict")
+  dl = -mm_nt(mm_tn(a, da, precise), a, precise)
+  keys = kk * decay
+  dbeta = dbeta + jnp.sum(dl * keys, axis=1)
+  dkk = beta[:, None] * dl * decay
+  through = dkk * kk
+  dgamma = jnp.sum(through, axis=1) - jnp.sum(through, axis=0)
+  for cols in key_blocks:
+    k = load("k", cols)
+    kf = k.astype(jnp.float32)
+    dr_w = mm_tn(a, load("dw", cols), precise)
     through = jnp.sum(dr_w * kf, axis=1)
     dgamma = dgamma + beta_decay * through
     dbeta = dbeta + jnp.exp(gamma) * through
-    # A = (I + L)^-1 with L = strict(diag(beta) (K K^T * decay)).
-    decay = decay_matrix(gamma, gamma, "strict")
-    # Only dL's strictly lower part is used: every use below is masked by `decay`.
-    dl = -mm_nt(mm_tn(a, da, precise), a, precise)
-    keys = mm_nt(k, k, precise) * decay
-    dbeta = dbeta + jnp.sum(dl * keys, axis=1)
-    dkeys = beta[:, None] * dl
-    dgamma = dgamma + _through_pairs(dkeys * keys)
-    dkk = dkeys * decay
-    dkey = dkey + mm(dkk, k, precise) + mm_tn(dkk, k, precise)
-    store("dbeta", dbeta, None)
-
-  rows = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-  store("dgamma", dgamma + jnp.where(rows == chunk - 1, dgamma_last, 0.0), None)
-  store("dq", dq, None)
-  store("dk", dkey, None)
+    dk = (load("dk_part", cols) + beta_decay[:, None] * dr_w + mm(dkk, k, precise)
+          + mm_tn(dkk, k, precise))
+    store("dk", dk, cols)
+  store("dbeta", dbeta, None)
+  store("dgamma", dgamma, None)

@@ -3,14 +3,17 @@
 `memjax.ops.delta_rule` / `linear_attention` validate their inputs and call these with the
 chip's kernel module (`gpu` or `tpu`): a module with the forward passes
 `wy(k, v, beta, gamma, *, chunk, interpret, inverse)` and `state(q, k, u, w, gamma,
-state0, *, chunk, value_block, scale, out_dtype, interpret, save_starts)`, and the backward
-passes `state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpret)`
-and `chunk_grads(q, k, v, w, u, a, do, dvn, beta, gamma, starts, dends, *, chunk,
-value_block, scale, interpret)` (see `backward`).
+state0, *, chunk, value_block, scale, out_dtype, interpret, save_residuals)`, the backward
+passes `state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpret)`,
+`qk_grads(q, k, w, do, vn, dvn, gamma, starts, dends, *, chunk, key_block, value_block,
+scale, interpret)` and `wy_grads(k, v, a, beta, gamma, dw, dvn, dk, *, chunk, block,
+interpret)` (see `backward`); and the block sizes `STATE_GRAD_VALUE_BLOCK` (value columns
+per program of `state_grad`) and `BACKWARD_BLOCK` (the column block of the latter two).
 
-The forward saves the inputs and every chunk's start state [B, H, N, K, V] float32; the
-backward reruns the `wy` pass (now also writing each chunk's inverse `(I + L)^-1`) and
-recomputes everything per token from those.
+When differentiated, the forward also saves what the backward reads: W and each chunk's
+inverse `(I + L)^-1` from the `wy` pass, and every chunk's start state [B, H, N, K, V] and
+Vn = U - W S0 from the state pass, in the inputs' dtype (they are only ever matmul
+operands, which round to it anyway). The backward recomputes everything else per chunk.
 """
 
 import functools
@@ -40,49 +43,59 @@ def _padded(chunk, q, k, v, beta, g):
   return q, k, v, beta, gamma
 
 
-def _wy(chip, blocks, interpret, k, v, beta, gamma, inverse=False):
-  """(W, U) of the delta rule, and with `inverse` the chunks' `(I + L)^-1`; (None, V) and
-  None for linear attention (beta None)."""
-  if beta is None:
-    return (None, v, None) if inverse else (None, v)
-  return chip.wy(k, v, beta, gamma, chunk=blocks.chunk, interpret=interpret, inverse=inverse)
-
-
-def _forward(chip, blocks, interpret, scale, save_starts, q, k, v, beta, g, state0):
-  """Runs the forward passes; returns (o [B, T, H, V], final) and, if `save_starts`, the
-  chunk-start states [B, H, N, K, V]."""
+def _forward(chip, blocks, interpret, scale, save_residuals, q, k, v, beta, g, state0):
+  """Runs the forward passes; returns `((o [B, T, H, V], final), residuals)`, the residuals
+  a dict of what the backward reads when `save_residuals` (else None)."""
   length = q.shape[1]
   q, k, v, beta, gamma = _padded(blocks.chunk, q, k, v, beta, g)
-  w, u = _wy(chip, blocks, interpret, k, v, beta, gamma)
-  out = chip.state(q, k, u, w, gamma, state0, chunk=blocks.chunk, value_block=blocks.value,
-                   scale=scale, out_dtype=q.dtype, interpret=interpret,
-                   save_starts=save_starts)
-  return (out[0][:, :length], out[1]) + tuple(out[2:])
+  w, u, a = None, v, None
+  if beta is not None:
+    w, u, *a = chip.wy(k, v, beta, gamma, chunk=blocks.chunk, interpret=interpret,
+                       inverse=save_residuals)
+    a = a[0] if a else None
+  o, final, *saved = chip.state(q, k, u, w, gamma, state0, chunk=blocks.chunk,
+                                value_block=blocks.value, scale=scale, out_dtype=q.dtype,
+                                interpret=interpret, save_residuals=save_residuals)
+  residuals = None
+  if save_residuals:
+    residuals = dict(w=w, a=a, starts=saved[0], v_new=saved[1] if beta is not None else v)
+  return (o[:, :length], final), residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _differentiable(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
-  return _forward(chip, blocks, interpret, scale, False, q, k, v, beta, g, state0)
+  return _forward(chip, blocks, interpret, scale, False, q, k, v, beta, g, state0)[0]
 
 
 def _fwd(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
-  o, final, starts = _forward(chip, blocks, interpret, scale, True, q, k, v, beta, g, state0)
-  return (o, final), (q, k, v, beta, g, starts)
+  out, saved = _forward(chip, blocks, interpret, scale, True, q, k, v, beta, g, state0)
+  return out, (q, k, v, beta, g, saved)
 
 
 def _bwd(chip, blocks, interpret, scale, residuals, cotangents):
-  q, k, v, beta, g, starts = residuals
+  q, k, v, beta, g, saved = residuals
   do, dfinal = cotangents
   length = q.shape[1]
   qp, kp, vp, betap, gamma = _padded(blocks.chunk, q, k, v, beta, g)
-  w, u, a = _wy(chip, blocks, interpret, kp, vp, betap, gamma, inverse=True)
+  w = saved["w"]
   do = common.pad_time(do.astype(q.dtype), qp.shape[1])
-  dends, dvn, dstate0 = chip.state_grad(qp, kp, w, do, gamma, dfinal, chunk=blocks.chunk,
-                                        value_block=blocks.value, scale=scale,
-                                        interpret=interpret)
-  dq, dk, dv, dbeta, dgamma = chip.chunk_grads(
-      qp, kp, vp, w, u, a, do, dvn, betap, gamma, starts, dends, chunk=blocks.chunk,
-      value_block=blocks.value, scale=scale, interpret=interpret)
+  dends, dvn, dstate0 = chip.state_grad(
+      qp, kp, w, do, gamma, dfinal, chunk=blocks.chunk,
+      value_block=min(chip.STATE_GRAD_VALUE_BLOCK, v.shape[-1]), scale=scale,
+      interpret=interpret)
+  block = lambda *dims: min((chip.BACKWARD_BLOCK,) + dims)
+  dq, dk, dw, dgamma = chip.qk_grads(
+      qp, kp, w, do, saved["v_new"], dvn, gamma, saved["starts"], dends, chunk=blocks.chunk,
+      key_block=block(k.shape[-1]), value_block=block(v.shape[-1]), scale=scale,
+      interpret=interpret)
+  dgamma = jnp.sum(dgamma, axis=0)
+  if beta is not None:
+    dk, dv, dbeta, dgamma_wy = chip.wy_grads(
+        kp, vp, saved["a"], betap, gamma, dw, dvn, dk, chunk=blocks.chunk,
+        block=block(k.shape[-1], v.shape[-1]), interpret=interpret)
+    dgamma = dgamma + dgamma_wy
+  else:
+    dv, dbeta = dvn, None
   # gamma_i = g_1 + ... + g_i inside a chunk, so dg_t = dgamma_t + ... + dgamma_C.
   b, t, h = dgamma.shape
   dgamma = dgamma.reshape(b, t // blocks.chunk, blocks.chunk, h)

@@ -218,7 +218,8 @@ def state_chunk(q, k, u, w, gamma, gamma_last, state, scale, precise):
     precise: float32 matmuls (float32 inputs).
 
   Returns:
-    `(o, state)`: outputs [C, Vb] float32 and S at the chunk's end.
+    `(o, state, v_new)`: outputs [C, Vb] float32, S at the chunk's end and the chunk's Vn
+    [C, Vb] float32 (which the backward reads).
   """
   v_new = u.astype(jnp.float32)
   if w is not None:
@@ -227,4 +228,4 @@ def state_chunk(q, k, u, w, gamma, gamma_last, state, scale, precise):
   o = scale * (jnp.exp(gamma)[:, None] * mm(q, state, precise) + mm(scores, v_new, precise))
   k_decayed = k.astype(jnp.float32) * jnp.exp(gamma_last - gamma)[:, None]
   state = jnp.exp(gamma_last) * state + mm_tn(k_decayed, v_new, precise)
-  return o, state
+  return o, state, v_new

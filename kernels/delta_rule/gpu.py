@@ -7,7 +7,8 @@ strided by H * D but each row is contiguous.
 
 The backward (see `backward`) has the same shape: `state_grad` walks the chunks in reverse
 with the state cotangent in registers, one program per (value block, batch, head), and
-`chunk_grads` runs one program per (batch, head, chunk) on the saved chunk states.
+`qk_grads` and `wy_grads` run one program per (key block,) batch, head and chunk on the
+saved chunk states.
 """
 
 import functools
@@ -28,8 +29,16 @@ from memjax.kernels.delta_rule import common
 _WY_WARPS = 2
 _STATE_WARPS = 4
 _STAGES = 2
-# The backward chunk pass holds [C, K] and [C, C] float32 cotangents across value blocks.
-_GRAD_WARPS = 8
+# The backward's per-chunk passes (H100, same shape): qk_grads 1.34 ms on 4 warps with
+# 64-column key and value blocks (8 warps 1.62, 2 warps spill: 21-23 ms; 128-column key
+# blocks 2.3), wy_grads 0.93 ms on 4 warps with 64-column blocks (8 warps 1.05-1.21).
+_GRAD_WARPS = 4
+_WY_GRAD_WARPS = 4
+# Columns of K per program, and of K and V per loop step, of the backward's per-chunk passes.
+BACKWARD_BLOCK = 64
+# 32 value columns per program of the backward state pass: 0.71 ms against 1.13 ms with 64
+# (H100, B8-T4096-H16-D128 bf16; the reverse walk carries a second [C, Vb] product).
+STATE_GRAD_VALUE_BLOCK = 32
 
 
 def _stages(*arrays) -> int:
@@ -52,8 +61,8 @@ def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, *a_ref, chunk, p
 
 def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
   """W and U of every chunk, [B, T, H, K] and [B, T, H, V] in k's dtype (T % chunk == 0);
-  with `inverse`, also every chunk's `(I + L)^-1` as [B, T, H, C] float32 (row t holds
-  its chunk's row t % C)."""
+  with `inverse`, also every chunk's `(I + L)^-1` as [B, T, H, C] in k's dtype (row t
+  holds its chunk's row t % C; the backward uses it only as a matmul operand)."""
   b, t, h, dk = k.shape
   dv = v.shape[-1]
   rows = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, n: (i, n, j, 0))
@@ -62,7 +71,7 @@ def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, k.dtype)]
   out_specs = [rows(dk), rows(dv)]
   if inverse:
-    out_shape.append(jax.ShapeDtypeStruct((b, t, h, chunk), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((b, t, h, chunk), k.dtype))
     out_specs.append(rows(chunk))
   return pl.pallas_call(
       kernel,
@@ -76,11 +85,13 @@ def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
   )(k, v, beta, gamma)
 
 
-def _state_kernel(*refs, chunk, scale, precise, delta, save_starts):
+def _state_kernel(*refs, chunk, scale, precise, delta, save_residuals):
   """Refs are one head's whole sequence: q, k, w [T, K]; u [T, Vb]; gamma [T];
-  state0, final [K, Vb]; o [T, Vb]; starts [N, K, Vb] when `save_starts`."""
+  state0, final [K, Vb]; o [T, Vb]; with `save_residuals`, starts [N, K, Vb] and (delta
+  rule) vn [T, Vb]."""
   refs = list(refs)
-  starts_ref = refs.pop() if save_starts else None
+  vn_ref = refs.pop() if save_residuals and delta else None
+  starts_ref = refs.pop() if save_residuals else None
   if delta:
     q_ref, k_ref, u_ref, w_ref, gamma_ref, state0_ref, o_ref, final_ref = refs
   else:
@@ -89,13 +100,15 @@ def _state_kernel(*refs, chunk, scale, precise, delta, save_starts):
 
   def step(n, state):
     rows = pl.ds(n * chunk, chunk)
-    if save_starts:
-      starts_ref[n, :, :] = state
+    if save_residuals:
+      starts_ref[n, :, :] = state.astype(starts_ref.dtype)
     w = w_ref[rows, :] if delta else None
-    o, state = common.state_chunk(
+    o, state, v_new = common.state_chunk(
         q_ref[rows, :], k_ref[rows, :], u_ref[rows, :], w, gamma_ref[rows],
         gamma_ref[n * chunk + chunk - 1], state, scale, precise)
     o_ref[rows, :] = o.astype(o_ref.dtype)
+    if vn_ref is not None:
+      vn_ref[rows, :] = v_new.astype(vn_ref.dtype)
     return state
 
   num_chunks = q_ref.shape[0] // chunk
@@ -103,15 +116,16 @@ def _state_kernel(*refs, chunk, scale, precise, delta, save_starts):
 
 
 def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, interpret,
-          save_starts=False):
+          save_residuals=False):
   """Outputs [B, T, H, V] and final state [B, H, K, V] (float32) of the state pass.
 
   Args:
     q, k: [B, T, H, K]; u: U or V [B, T, H, V]; w: W [B, T, H, K] or None (linear
       attention); gamma: [B, T, H] float32 chunk-local cumulative log-decays;
     state0: [B, H, K, V] float32.
-    save_starts: also return every chunk's start state [B, H, N, K, V] float32 (the
-      residual of the backward pass).
+    save_residuals: also return what the backward reads: every chunk's start state
+      [B, H, N, K, V] and, for the delta rule, Vn = U - W S0 [B, T, H, V], both in q's
+      dtype (the backward's matmuls round their operands to it anyway).
   """
   b, t, h, dk = q.shape
   dv = u.shape[-1]
@@ -124,15 +138,18 @@ def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, in
   delta = w is not None
   kernel = functools.partial(_state_kernel, chunk=chunk, scale=scale,
                              precise=q.dtype == jnp.float32, delta=delta,
-                             save_starts=save_starts)
+                             save_residuals=save_residuals)
   inputs = [q, k, u] + ([w] if delta else []) + [gamma, state0]
   in_specs = [keys, keys, values] + ([keys] if delta else []) + [gates, states]
   out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), out_dtype),
                jax.ShapeDtypeStruct(state0.shape, jnp.float32)]
   out_specs = [values, states]
-  if save_starts:
-    out_shape.append(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), jnp.float32))
+  if save_residuals:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), q.dtype))
     out_specs.append(_chunk_states(t // chunk, dk, value_block))
+    if delta:
+      out_shape.append(jax.ShapeDtypeStruct((b, t, h, dv), q.dtype))
+      out_specs.append(values)
   return pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
@@ -164,12 +181,12 @@ def _state_grad_kernel(*refs, chunk, scale, precise, delta):
   def step(i, dstate):
     n = num_chunks - 1 - i
     rows = pl.ds(n * chunk, chunk)
-    dends_ref[n, :, :] = dstate
+    dends_ref[n, :, :] = dstate.astype(dends_ref.dtype)
     w = w_ref[rows, :] if delta else None
     dstate, dv_new = backward.state_grad_chunk(
         q_ref[rows, :], k_ref[rows, :], w, do_ref[rows, :], gamma_ref[rows],
         gamma_ref[n * chunk + chunk - 1], dstate, scale, precise)
-    dvn_ref[rows, :] = dv_new
+    dvn_ref[rows, :] = dv_new.astype(dvn_ref.dtype)
     return dstate
 
   dstate0_ref[...] = lax.fori_loop(0, num_chunks, step, dfinal_ref[...])
@@ -183,9 +200,9 @@ def state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpr
       [B, T, H, V]; gamma: [B, T, H] float32; dfinal: final-state cotangent [B, H, K, V].
 
   Returns:
-    `(dends, dvn, dstate0)`, float32: the cotangents of every chunk's end state
-    [B, H, N, K, V], of Vn [B, T, H, V] (see `backward`) and of the initial state
-    [B, H, K, V].
+    `(dends, dvn, dstate0)`: the cotangents of every chunk's end state [B, H, N, K, V]
+    and of Vn [B, T, H, V] (see `backward`) in q's dtype (read only as matmul operands),
+    and of the initial state [B, H, K, V] float32.
   """
   b, t, h, dk = q.shape
   dv = do.shape[-1]
@@ -200,8 +217,8 @@ def state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpr
   in_specs = [keys, keys] + ([keys] if delta else []) + [values, gates, states]
   return pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((b, t, h, dv), jnp.float32),
+      out_shape=(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
                  jax.ShapeDtypeStruct(dfinal.shape, jnp.float32)),
       grid=(dv // value_block, b, h),
       in_specs=in_specs,
@@ -212,71 +229,130 @@ def state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpr
   )(*inputs)
 
 
-def _chunk_grads_kernel(*refs, names, value_block, scale, precise, delta):
-  """Refs (named by `names`) are one chunk of one head: q, k, w, dq, dk [C, K]; a [C, C];
-  v, u, do, dvn, dv [C, V]; beta, gamma, dbeta, dgamma [C]; state0, dstate1 [K, V]."""
-  ref = dict(zip(names, refs))
-
+def _block_access(ref):
+  """`load(name, cols)` and `store(name, value, cols)` over a dict of refs: the whole block
+  when `cols` is None, else its column block `cols`."""
   def load(name, cols):
     return ref[name][...] if cols is None else ref[name][:, cols]
 
-  def store(name, value, cols):
+  def store(name, value, cols=None):
     if cols is None:
       ref[name][...] = value.astype(ref[name].dtype)
     else:
       ref[name][:, cols] = value.astype(ref[name].dtype)
+  return load, store
 
+
+def _qk_grads_kernel(*refs, names, value_block, scale, precise, delta):
+  """Refs (named by `names`) are one chunk of one head: q, k, w, dq, dk, dw [C, Kb] (one
+  key block); do, vn, dvn [C, V]; gamma, dgamma [C]; state0, dstate1 [Kb, V]."""
+  ref = dict(zip(names, refs))
+  load, store = _block_access(ref)
   chunk = ref["gamma"].shape[0]
-  backward.chunk_grads(load, lambda name: ref[name][...], store,
-                       gamma_last=ref["gamma"][chunk - 1], value_dim=ref["v"].shape[1],
-                       value_block=value_block, scale=scale, precise=precise, delta=delta)
+  backward.qk_grads_chunk(load, ref["gamma"][...], ref["gamma"][chunk - 1], store,
+                          value_dim=ref["do"].shape[1], value_block=value_block,
+                          scale=scale, precise=precise, delta=delta)
 
 
-def chunk_grads(q, k, v, w, u, a, do, dvn, beta, gamma, starts, dends, *, chunk, value_block,
-                scale, interpret):
-  """Backward chunk pass: dq, dk, dv (inputs' dtype), dbeta, dgamma ([B, T, H] float32).
+def qk_grads(q, k, w, do, vn, dvn, gamma, starts, dends, *, chunk, key_block, value_block,
+             scale, interpret):
+  """Backward pass 2 (see `backward`): one program per (key block, batch, head, chunk).
 
   Args:
-    q, k: [B, T, H, K]; v: [B, T, H, V]; w, u, a: W, U and the inverse `(I + L)^-1` [B, T,
-      H, C] from `wy` (None for linear attention); do, dvn: the output cotangent and dVn
-      from `state_grad` [B, T, H, V]; beta: [B, T, H] or None; gamma: [B, T, H] float32;
-    starts, dends: every chunk's start state and end-state cotangent [B, H, N, K, V].
-    value_block: columns of V per step of the value loop.
+    q, k: [B, T, H, K]; w: W [B, T, H, K] or None (linear attention); do, vn, dvn: the
+      output cotangent, Vn (V for linear attention) and dVn [B, T, H, V]; gamma: [B, T, H]
+      float32; starts, dends: every chunk's start state and end-state cotangent
+      [B, H, N, K, V]; vn, dvn, starts and dends in q's dtype.
+    key_block, value_block: columns of K per program and of V per step of its loop.
 
   Returns:
-    `(dq, dk, dv, dbeta, dgamma)`; dbeta is None for linear attention.
+    `(dq, dk, dw, dgamma)`: dq [B, T, H, K] in q's dtype; this pass's parts of dk
+    [B, T, H, K] and dgamma [K / key_block, B, T, H] in float32; dW [B, T, H, K] in q's
+    dtype (None for linear attention).
   """
   b, t, h, dk = q.shape
-  dv = v.shape[-1]
+  dv = do.shape[-1]
   delta = w is not None
+  # The key block is the first grid axis: the programs of one chunk run side by side and
+  # share its do, vn and dvn rows in L2.
+  keys = pl.BlockSpec((None, chunk, None, key_block), lambda c, i, j, n: (i, n, j, c))
+  rows = pl.BlockSpec((None, chunk, None, dv), lambda c, i, j, n: (i, n, j, 0))
+  gates = pl.BlockSpec((None, chunk, None), lambda c, i, j, n: (i, n, j))
+  states = pl.BlockSpec((None, None, None, key_block, dv),
+                        lambda c, i, j, n: (i, j, n, c, 0))
+  inputs = {"q": (q, keys), "k": (k, keys), "do": (do, rows), "vn": (vn, rows),
+            "dvn": (dvn, rows), "gamma": (gamma, gates), "state0": (starts, states),
+            "dstate1": (dends, states)}
+  if delta:
+    inputs["w"] = (w, keys)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  outputs = {"dq": (jax.ShapeDtypeStruct(q.shape, q.dtype), keys),
+             "dk": (f32(k.shape), keys),
+             "dgamma": (f32((dk // key_block, b, t, h)),
+                        pl.BlockSpec((None, None, chunk, None), lambda c, i, j, n: (c, i, n, j)))}
+  if delta:
+    outputs["dw"] = (jax.ShapeDtypeStruct(k.shape, q.dtype), keys)
+  kernel = functools.partial(
+      _qk_grads_kernel, names=tuple(inputs) + tuple(outputs), value_block=value_block,
+      scale=scale, precise=q.dtype == jnp.float32, delta=delta)
+  grads = pl.pallas_call(
+      kernel,
+      out_shape=tuple(shape for shape, _ in outputs.values()),
+      grid=(dk // key_block, b, h, t // chunk),
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=tuple(spec for _, spec in outputs.values()),
+      compiler_params=compat.triton_params(_GRAD_WARPS, 1),
+      interpret=interpret,
+      name="delta_rule_qk_grads" if delta else "linear_attention_qk_grads",
+  )(*(array for array, _ in inputs.values()))
+  grads = dict(zip(outputs, grads))
+  return grads["dq"], grads["dk"], grads.get("dw"), grads["dgamma"]
+
+
+def _wy_grads_kernel(*refs, names, block, precise):
+  """Refs (named by `names`) are one chunk of one head: k, dw, dk_part, dk [C, K];
+  a [C, C]; v, dvn, dv [C, V]; beta, gamma, dbeta, dgamma [C]."""
+  ref = dict(zip(names, refs))
+  load, store = _block_access(ref)
+  backward.wy_grads_chunk(load, ref["beta"][...].astype(jnp.float32), ref["gamma"][...],
+                          store, key_dim=ref["k"].shape[1], value_dim=ref["v"].shape[1],
+                          block=block, precise=precise)
+
+
+def wy_grads(k, v, a, beta, gamma, dw, dvn, dk, *, chunk, block, interpret):
+  """Backward pass 3 (see `backward`; delta rule only): one program per (batch, head, chunk).
+
+  Args:
+    k: [B, T, H, K]; v: [B, T, H, V]; a: the chunks' `(I + L)^-1` [B, T, H, C] (from
+      `wy`); beta: [B, T, H]; gamma: [B, T, H] float32; dw: dW [B, T, H, K]; dvn: dVn
+      [B, T, H, V]; dk: pass 2's part of dk [B, T, H, K] float32.
+    block: columns of K and V per step of the loops over them.
+
+  Returns:
+    `(dk, dv, dbeta, dgamma)`: dk and dv in k's and v's dtypes; dbeta and this pass's part
+    of dgamma [B, T, H] float32.
+  """
+  b, t, h, d_k = k.shape
+  d_v = v.shape[-1]
   rows = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, n: (i, n, j, 0))
   gates = pl.BlockSpec((None, chunk, None), lambda i, j, n: (i, n, j))
-  states = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
-  inputs = {"q": (q, rows(dk)), "k": (k, rows(dk)), "v": (v, rows(dv)),
-            "do": (do, rows(dv)), "dvn": (dvn, rows(dv)), "gamma": (gamma, gates),
-            "state0": (starts, states), "dstate1": (dends, states)}
-  if delta:
-    inputs.update(w=(w, rows(dk)), u=(u, rows(dv)), a=(a, rows(chunk)), beta=(beta, gates))
-  gate_grad = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
-  outputs = {"dq": (jax.ShapeDtypeStruct(q.shape, q.dtype), rows(dk)),
-             "dk": (jax.ShapeDtypeStruct(k.shape, k.dtype), rows(dk)),
-             "dgamma": (gate_grad, gates)}
-  if delta:
-    outputs.update(dv=(jax.ShapeDtypeStruct(v.shape, v.dtype), rows(dv)),
-                   dbeta=(gate_grad, gates))
-  kernel = functools.partial(
-      _chunk_grads_kernel, names=tuple(inputs) + tuple(outputs),
-      value_block=value_block, scale=scale, precise=q.dtype == jnp.float32, delta=delta)
-  grads = pl.pallas_call(
+  inputs = {"k": (k, rows(d_k)), "v": (v, rows(d_v)), "a": (a, rows(chunk)),
+            "beta": (beta, gates), "gamma": (gamma, gates), "dw": (dw, rows(d_k)),
+            "dvn": (dvn, rows(d_v)), "dk_part": (dk, rows(d_k))}
+  gate_grad = (jax.ShapeDtypeStruct((b, t, h), jnp.float32), gates)
+  outputs = {"dk": (jax.ShapeDtypeStruct(k.shape, k.dtype), rows(d_k)),
+             "dv": (jax.ShapeDtypeStruct(v.shape, v.dtype), rows(d_v)),
+             "dbeta": gate_grad, "dgamma": gate_grad}
+  kernel = functools.partial(_wy_grads_kernel, names=tuple(inputs) + tuple(outputs),
+                             block=block,
+                             precise=k.dtype == jnp.float32)
+  return pl.pallas_call(
       kernel,
       out_shape=tuple(shape for shape, _ in outputs.values()),
       grid=(b, h, t // chunk),
       in_specs=[spec for _, spec in inputs.values()],
       out_specs=tuple(spec for _, spec in outputs.values()),
-      compiler_params=compat.triton_params(_GRAD_WARPS, 1),
+      compiler_params=compat.triton_params(_WY_GRAD_WARPS, 1),
       interpret=interpret,
-      name="delta_rule_chunk_grads" if delta else "linear_attention_chunk_grads",
+      name="delta_rule_wy_grads",
   )(*(array for array, _ in inputs.values()))
-  grads = dict(zip(outputs, grads))
-  dv_out = grads["dv"] if delta else dvn.astype(v.dtype)
-  return grads["dq"], grads["dk"], dv_out, grads.get("dbeta"), grads["dgamma"]

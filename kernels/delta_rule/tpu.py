@@ -4,7 +4,8 @@ The same two passes as the GPU kernels (see `common`). Mosaic tiles the last two
 of a block, so the kernels work on a heads-first [B, H, T, D] copy of the inputs (the gates
 as [B, H, 1, T]) and transpose the results back. The state pass walks the chunks as the
 last ("arbitrary") grid axis with the state in a VMEM scratch buffer; the backward's
-`state_grad` walks them the same way in reverse, and `chunk_grads` is parallel like `wy`.
+`state_grad` walks them the same way in reverse, and `qk_grads` and `wy_grads` are
+parallel like `wy`.
 
 Checked in TPU interpret mode only: no TPU was at hand to compile it on.
 """
@@ -19,6 +20,12 @@ from jax.experimental.pallas import tpu as pltpu
 from memjax.kernels import compat
 from memjax.kernels.delta_rule import backward
 from memjax.kernels.delta_rule import common
+
+# Columns of K per program, and of K and V per loop step, of the backward's per-chunk passes:
+# one 128-lane row.
+BACKWARD_BLOCK = 128
+# Value columns per program of the backward state pass: one lane row.
+STATE_GRAD_VALUE_BLOCK = 128
 
 
 def _heads_first(x):
@@ -49,7 +56,7 @@ def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, *a_ref, chunk, p
 
 def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
   """W and U of every chunk, [B, T, H, K] and [B, T, H, V] in k's dtype (T % chunk == 0);
-  with `inverse`, also every chunk's `(I + L)^-1` as [B, T, H, C] float32."""
+  with `inverse`, also every chunk's `(I + L)^-1` as [B, T, H, C] in k's dtype."""
   k, v, beta, gamma = map(_heads_first, (k, v, beta, gamma))
   b, h, t, dk = k.shape
   dv = v.shape[-1]
@@ -59,7 +66,7 @@ def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, k.dtype)]
   out_specs = [rows(dk), rows(dv)]
   if inverse:
-    out_shape.append(jax.ShapeDtypeStruct((b, h, t, chunk), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, t, chunk), k.dtype))
     out_specs.append(rows(chunk))
   out = pl.pallas_call(
       kernel,
@@ -74,12 +81,14 @@ def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
   return tuple(map(_time_second, out))
 
 
-def _state_kernel(*refs, chunk, scale, precise, delta, save_starts):
+def _state_kernel(*refs, chunk, scale, precise, delta, save_residuals):
   """q, k, w [C, K]; u, o [C, Vb]: one chunk; gamma [1, T]; state0, final, state [K, Vb];
-  starts [K, Vb]: this chunk's start state, when `save_starts`."""
+  with `save_residuals`, starts [K, Vb] (this chunk's start state) and (delta rule)
+  vn [C, Vb]."""
   refs = list(refs)
   state_ref = refs.pop()
-  starts_ref = refs.pop() if save_starts else None
+  vn_ref = refs.pop() if save_residuals and delta else None
+  starts_ref = refs.pop() if save_residuals else None
   if delta:
     q_ref, k_ref, u_ref, w_ref, gamma_ref, state0_ref, o_ref, final_ref = refs
   else:
@@ -91,14 +100,16 @@ def _state_kernel(*refs, chunk, scale, precise, delta, save_starts):
   def _():
     state_ref[...] = state0_ref[...]
 
-  if save_starts:
-    starts_ref[...] = state_ref[...]
+  if save_residuals:
+    starts_ref[...] = state_ref[...].astype(starts_ref.dtype)
   start = n * chunk
-  o, state = common.state_chunk(
+  o, state, v_new = common.state_chunk(
       q_ref[...], k_ref[...], u_ref[...], w_ref[...] if delta else None,
       gamma_ref[0, pl.ds(start, chunk)], gamma_ref[0, start + chunk - 1], state_ref[...],
       scale, precise)
   o_ref[...] = o.astype(o_ref.dtype)
+  if vn_ref is not None:
+    vn_ref[...] = v_new.astype(vn_ref.dtype)
   state_ref[...] = state
 
   @pl.when(n == pl.num_programs(3) - 1)
@@ -107,9 +118,10 @@ def _state_kernel(*refs, chunk, scale, precise, delta, save_starts):
 
 
 def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, interpret,
-          save_starts=False):
+          save_residuals=False):
   """Outputs [B, T, H, V] and final state [B, H, K, V] (float32) of the state pass, and,
-  if `save_starts`, every chunk's start state [B, H, N, K, V] float32.
+  with `save_residuals`, every chunk's start state [B, H, N, K, V] and (delta rule)
+  Vn [B, T, H, V], in q's dtype.
 
   Arguments as in `memjax.kernels.delta_rule.gpu.state`.
   """
@@ -123,15 +135,18 @@ def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, in
   states = pl.BlockSpec((None, None, dk, value_block), lambda i, j, c, n: (i, j, 0, c))
   kernel = functools.partial(_state_kernel, chunk=chunk, scale=scale,
                              precise=q.dtype == jnp.float32, delta=delta,
-                             save_starts=save_starts)
+                             save_residuals=save_residuals)
   inputs = [q, k, u] + ([_heads_first(w)] if delta else []) + [gamma, state0]
   in_specs = [keys, keys, values] + ([keys] if delta else []) + [gates, states]
   out_shape = [jax.ShapeDtypeStruct((b, h, t, dv), out_dtype),
                jax.ShapeDtypeStruct(state0.shape, jnp.float32)]
   out_specs = [values, states]
-  if save_starts:
-    out_shape.append(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), jnp.float32))
+  if save_residuals:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), q.dtype))
     out_specs.append(_chunk_state(dk, value_block, lambda n: n))
+    if delta:
+      out_shape.append(jax.ShapeDtypeStruct((b, h, t, dv), q.dtype))
+      out_specs.append(values)
   out = pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
@@ -143,6 +158,9 @@ def state(q, k, u, w, gamma, state0, *, chunk, value_block, scale, out_dtype, in
       interpret=interpret,
       name="delta_rule_state" if delta else "linear_attention_state",
   )(*inputs)
+  out = list(out)
+  if save_residuals and delta:
+    out[3] = _time_second(out[3])
   return (_time_second(out[0]),) + tuple(out[1:])
 
 
@@ -168,12 +186,12 @@ def _state_grad_kernel(*refs, chunk, scale, precise, delta):
   def _():
     dstate_ref[...] = dfinal_ref[...]
 
-  dend_ref[...] = dstate_ref[...]
+  dend_ref[...] = dstate_ref[...].astype(dend_ref.dtype)
   dstate, dv_new = backward.state_grad_chunk(
       q_ref[...], k_ref[...], w_ref[...] if delta else None, do_ref[...],
       gamma_ref[0, pl.ds(start, chunk)], gamma_ref[0, start + chunk - 1], dstate_ref[...],
       scale, precise)
-  dvn_ref[...] = dv_new
+  dvn_ref[...] = dv_new.astype(dvn_ref.dtype)
   dstate_ref[...] = dstate
 
   @pl.when(step == pl.num_programs(3) - 1)
@@ -183,7 +201,7 @@ def _state_grad_kernel(*refs, chunk, scale, precise, delta):
 
 def state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpret):
   """Backward state pass: `(dends [B, H, N, K, V], dvn [B, T, H, V], dstate0 [B, H, K, V])`,
-  float32.
+  the first two in q's dtype, dstate0 float32.
 
   Arguments as in `memjax.kernels.delta_rule.gpu.state_grad`.
   """
@@ -204,8 +222,8 @@ def state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpr
   in_specs = [keys, keys] + ([keys] if delta else []) + [values, gates, states]
   dends, dvn, dstate0 = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, t, dv), jnp.float32),
+      out_shape=(jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, h, t, dv), q.dtype),
                  jax.ShapeDtypeStruct(dfinal.shape, jnp.float32)),
       grid=(b, h, dv // value_block, t // chunk),
       in_specs=in_specs,
@@ -218,74 +236,133 @@ def state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpr
   return dends, _time_second(dvn), dstate0
 
 
-def _chunk_grads_kernel(*refs, names, chunk, value_block, scale, precise, delta):
-  """Refs (named by `names`): q, k, w, dq, dk [C, K]; a [C, C]; v, u, do, dvn, dv [C, V]:
-  one chunk of one head; beta, gamma [1, T]: the whole head; state0, dstate1 [K, V];
-  dbeta, dgamma [1, C]: the chunk."""
-  ref = dict(zip(names, refs))
-  start = pl.program_id(2) * chunk
-
+def _block_access(ref):
+  """`load(name, cols)` and `store(name, value, cols)` over a dict of refs: the whole block
+  when `cols` is None, else its column block `cols`; the gate cotangents are [1, C] rows."""
   def load(name, cols):
     return ref[name][...] if cols is None else ref[name][:, cols]
 
-  def store(name, value, cols):
+  def store(name, value, cols=None):
     if name in ("dbeta", "dgamma"):
       ref[name][0, :] = value
     elif cols is None:
       ref[name][...] = value.astype(ref[name].dtype)
     else:
       ref[name][:, cols] = value.astype(ref[name].dtype)
-
-  backward.chunk_grads(load, lambda name: ref[name][0, pl.ds(start, chunk)], store,
-                       gamma_last=ref["gamma"][0, start + chunk - 1],
-                       value_dim=ref["v"].shape[1], value_block=value_block, scale=scale,
-                       precise=precise, delta=delta)
+  return load, store
 
 
-def chunk_grads(q, k, v, w, u, a, do, dvn, beta, gamma, starts, dends, *, chunk, value_block,
-                scale, interpret):
-  """Backward chunk pass: `(dq, dk, dv, dbeta, dgamma)`.
+def _gate_grad(b, h, num_chunks, chunk, index_map, leading=()):
+  """Shape and block of a gate cotangent as [*leading, B, H, N, 1, C] (a block's last two
+  dims must be whole or tiled), one [1, C] row per program."""
+  return (jax.ShapeDtypeStruct(leading + (b, h, num_chunks, 1, chunk), jnp.float32),
+          pl.BlockSpec((None,) * len(leading) + (None, None, None, 1, chunk), index_map))
 
-  Arguments and results as in `memjax.kernels.delta_rule.gpu.chunk_grads`.
+
+def _gates_out(x, b, h, t):
+  """[..., B, H, N, 1, C] -> [..., B, T, H]."""
+  return jnp.moveaxis(x.reshape(x.shape[:-5] + (b, h, t)), -2, -1)
+
+
+def _qk_grads_kernel(*refs, names, chunk, value_block, scale, precise, delta):
+  """Refs (named by `names`): q, k, w, dq, dk, dw [C, Kb]; do, vn, dvn [C, V]: one chunk
+  of one head; gamma [1, T]: the whole head; state0, dstate1 [Kb, V]; dgamma [1, C]."""
+  ref = dict(zip(names, refs))
+  load, store = _block_access(ref)
+  start = pl.program_id(3) * chunk
+  backward.qk_grads_chunk(load, ref["gamma"][0, pl.ds(start, chunk)],
+                          ref["gamma"][0, start + chunk - 1], store,
+                          value_dim=ref["do"].shape[1], value_block=value_block,
+                          scale=scale, precise=precise, delta=delta)
+
+
+def qk_grads(q, k, w, do, vn, dvn, gamma, starts, dends, *, chunk, key_block, value_block,
+             scale, interpret):
+  """Backward pass 2: `(dq, dk, dw, dgamma)`, grid (batch, head, key block, chunk).
+
+  Arguments and results as in `memjax.kernels.delta_rule.gpu.qk_grads`.
   """
   delta = w is not None
   b, t, h, dk = q.shape
-  dv = v.shape[-1]
+  dv = do.shape[-1]
+  num_chunks = t // chunk
+  keys = pl.BlockSpec((None, None, chunk, key_block), lambda i, j, c, n: (i, j, n, c))
+  rows = pl.BlockSpec((None, None, chunk, dv), lambda i, j, c, n: (i, j, n, 0))
+  gates = pl.BlockSpec((None, None, 1, t), lambda i, j, c, n: (i, j, 0, 0))
+  states = pl.BlockSpec((None, None, None, key_block, dv),
+                        lambda i, j, c, n: (i, j, n, c, 0))
+  inputs = {"q": (q, keys), "k": (k, keys), "do": (do, rows), "vn": (vn, rows),
+            "dvn": (dvn, rows), "gamma": (gamma, gates), "state0": (starts, states),
+            "dstate1": (dends, states)}
+  if delta:
+    inputs["w"] = (w, keys)
+  f32 = lambda d: jax.ShapeDtypeStruct((b, h, t, d), jnp.float32)
+  outputs = {"dq": (jax.ShapeDtypeStruct((b, h, t, dk), q.dtype), keys),
+             "dk": (f32(dk), keys),
+             "dgamma": _gate_grad(b, h, num_chunks, chunk,
+                                  lambda i, j, c, n: (c, i, j, n, 0, 0), (dk // key_block,))}
+  if delta:
+    outputs["dw"] = (jax.ShapeDtypeStruct((b, h, t, dk), q.dtype), keys)
+  kernel = functools.partial(
+      _qk_grads_kernel, names=tuple(inputs) + tuple(outputs), chunk=chunk,
+      value_block=value_block, scale=scale, precise=q.dtype == jnp.float32, delta=delta)
+  arrays = [x if x.ndim == 5 else _heads_first(x) for x, _ in inputs.values()]
+  grads = pl.pallas_call(
+      kernel,
+      out_shape=tuple(shape for shape, _ in outputs.values()),
+      grid=(b, h, dk // key_block, num_chunks),
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=tuple(spec for _, spec in outputs.values()),
+      compiler_params=compat.tpu_params(("parallel",) * 4),
+      interpret=interpret,
+      name="delta_rule_qk_grads" if delta else "linear_attention_qk_grads",
+  )(*arrays)
+  grads = dict(zip(outputs, grads))
+  dw = _time_second(grads["dw"]) if delta else None
+  return (_time_second(grads["dq"]), _time_second(grads["dk"]), dw,
+          _gates_out(grads["dgamma"], b, h, t))
+
+
+def _wy_grads_kernel(*refs, names, chunk, block, precise):
+  """Refs (named by `names`): k, dw, dk_part, dk [C, K]; a [C, C]; v, dvn, dv [C, V]: one
+  chunk of one head; beta, gamma [1, T]: the whole head; dbeta, dgamma [1, C]."""
+  ref = dict(zip(names, refs))
+  load, store = _block_access(ref)
+  rows = pl.ds(pl.program_id(2) * chunk, chunk)
+  backward.wy_grads_chunk(load, ref["beta"][0, rows].astype(jnp.float32),
+                          ref["gamma"][0, rows], store, key_dim=ref["k"].shape[1],
+                          value_dim=ref["v"].shape[1], block=block, precise=precise)
+
+
+def wy_grads(k, v, a, beta, gamma, dw, dvn, dk, *, chunk, block, interpret):
+  """Backward pass 3: `(dk, dv, dbeta, dgamma)`, grid (batch, head, chunk).
+
+  Arguments and results as in `memjax.kernels.delta_rule.gpu.wy_grads`.
+  """
+  b, t, h, d_k = k.shape
+  d_v = v.shape[-1]
   num_chunks = t // chunk
   rows = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, n: (i, j, n, 0))
   gates = pl.BlockSpec((None, None, 1, t), lambda i, j, n: (i, j, 0, 0))
-  states = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
-  inputs = {"q": (q, rows(dk)), "k": (k, rows(dk)), "v": (v, rows(dv)),
-            "do": (do, rows(dv)), "dvn": (dvn, rows(dv)), "gamma": (gamma, gates),
-            "state0": (starts, states), "dstate1": (dends, states)}
-  if delta:
-    inputs.update(w=(w, rows(dk)), u=(u, rows(dv)), a=(a, rows(chunk)), beta=(beta, gates))
-  # Gate cotangents as [B, H, N, 1, C]: a block's last two dims must be whole or tiled.
-  gate_grad = (jax.ShapeDtypeStruct((b, h, num_chunks, 1, chunk), jnp.float32),
-               pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, n: (i, j, n, 0, 0)))
-  outputs = {"dq": (jax.ShapeDtypeStruct((b, h, t, dk), q.dtype), rows(dk)),
-             "dk": (jax.ShapeDtypeStruct((b, h, t, dk), k.dtype), rows(dk)),
-             "dgamma": gate_grad}
-  if delta:
-    outputs.update(dv=(jax.ShapeDtypeStruct((b, h, t, dv), v.dtype), rows(dv)),
-                   dbeta=gate_grad)
-  kernel = functools.partial(
-      _chunk_grads_kernel, names=tuple(inputs) + tuple(outputs), chunk=chunk,
-      value_block=value_block, scale=scale, precise=q.dtype == jnp.float32, delta=delta)
-  arrays = [x if x.ndim == 5 else _heads_first(x) for x, _ in inputs.values()]
+  inputs = {"k": (k, rows(d_k)), "v": (v, rows(d_v)), "a": (a, rows(chunk)),
+            "beta": (beta, gates), "gamma": (gamma, gates), "dw": (dw, rows(d_k)),
+            "dvn": (dvn, rows(d_v)), "dk_part": (dk, rows(d_k))}
+  gate_grad = _gate_grad(b, h, num_chunks, chunk, lambda i, j, n: (i, j, n, 0, 0))
+  outputs = {"dk": (jax.ShapeDtypeStruct((b, h, t, d_k), k.dtype), rows(d_k)),
+             "dv": (jax.ShapeDtypeStruct((b, h, t, d_v), v.dtype), rows(d_v)),
+             "dbeta": gate_grad, "dgamma": gate_grad}
+  kernel = functools.partial(_wy_grads_kernel, names=tuple(inputs) + tuple(outputs),
+                             chunk=chunk, block=block, precise=k.dtype == jnp.float32)
   grads = pl.pallas_call(
       kernel,
       out_shape=tuple(shape for shape, _ in outputs.values()),
       grid=(b, h, num_chunks),
       in_specs=[spec for _, spec in inputs.values()],
       out_specs=tuple(spec for _, spec in outputs.values()),
-      compiler_params=compat.tpu_params(("parallel", "parallel", "parallel")),
+      compiler_params=compat.tpu_params(("parallel",) * 3),
       interpret=interpret,
-      name="delta_rule_chunk_grads" if delta else "linear_attention_chunk_grads",
-  )(*arrays)
-  grads = dict(zip(outputs, grads))
-  # [B, H, N, 1, C] -> [B, T, H].
-  gate_out = lambda x: None if x is None else jnp.moveaxis(x.reshape(b, h, t), 1, 2)
-  dv_out = _time_second(grads["dv"]) if delta else dvn.astype(v.dtype)
-  return (_time_second(grads["dq"]), _time_second(grads["dk"]), dv_out,
-          gate_out(grads.get("dbeta")), gate_out(grads["dgamma"]))
+      name="delta_rule_wy_grads",
+  )(*(_heads_first(x) for x, _ in inputs.values()))
+  dk, dv, dbeta, dgamma = grads
+  return (_time_second(dk), _time_second(dv), _gates_out(dbeta, b, h, t),
+          _gates_out(dgamma, b, h, t))
