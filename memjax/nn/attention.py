@@ -1,10 +1,37 @@
-"""Causal softmax attention (optionally sliding-window) with rotary position embeddings."""
+"""Causal softmax attention (optionally sliding-window) with rotary position embeddings.
 
-from typing import Optional
+Whole sequences run through `jax.nn.dot_product_attention` with its causal (and local
+window) mask. Decoding keeps a KV cache in an explicit `AttentionState`:
+
+    state = layer.init_state(batch_size, max_length)       # full attention
+    state = layer.init_state(batch_size)                   # sliding window: O(window)
+    y, state = layer.apply(params, prompt, state)          # prefill, any length
+    y, state = layer.apply(params, next_token, state)      # one-token steps
+
+Full attention caches the rotary-applied keys and values of token `p` in slot `p` of a
+`max_length` cache. Sliding-window attention caches the last `window - 1` tokens in a ring
+buffer (token `p` in slot `p mod (window - 1)`): those are all a later token can see.
+"""
+
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+class AttentionState(NamedTuple):
+  """KV cache of a `CausalSelfAttention` layer (C cache slots).
+
+  Attributes:
+    keys: rotary-applied keys [B, C, H, K] of the cached tokens.
+    values: values [B, C, H, K] of the cached tokens.
+    position: int32 scalar, the number of tokens seen so far (the position of the next
+      token); shared by the batch.
+  """
+  keys: jax.Array
+  values: jax.Array
+  position: jax.Array
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -26,6 +53,20 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) 
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def check_cache_room(position: jax.Array, num_tokens: int, capacity: int) -> None:
+  """Raises ValueError where a cache of `capacity` tokens cannot take `num_tokens` more.
+
+  `num_tokens > capacity` is always checked (shapes are static); the position only when it
+  is concrete (outside jit).
+  """
+  if num_tokens > capacity:
+    raise ValueError(f"x has T={num_tokens} tokens but the cache holds "
+                     f"max_length={capacity}")
+  if not isinstance(position, jax.core.Tracer) and int(position) + num_tokens > capacity:
+    raise ValueError(f"{num_tokens} more tokens after position {int(position)} overflow the "
+                     f"cache of max_length={capacity}; init_state with a larger max_length")
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head causal softmax attention through `jax.nn.dot_product_attention`.
 
@@ -41,26 +82,128 @@ class CausalSelfAttention(nn.Module):
   window: Optional[int] = None
   rope_base: float = 10000.0
 
-  @nn.compact
-  def __call__(self, x: jax.Array, state=None):
-    """Attends over a whole sequence.
+  def _check_window(self) -> None:
+    if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+      raise ValueError(f"window must be None or an int >= 1, got {self.window!r}")
+
+  def init_state(self, batch_size: int, max_length: Optional[int] = None,
+                 dtype=jnp.float32) -> AttentionState:
+    """An empty KV cache, at position 0.
 
     Args:
-      x: inputs [B, T, D].
-      state: unused; attention keeps no recurrent state here (kept for the mixer interface).
+      batch_size: B.
+      max_length: the most tokens a sequence may hold (prompt and generated tokens) with
+        full attention; ignored with a window, whose cache holds `window - 1` tokens.
+      dtype: dtype of the cached keys and values.
 
     Returns:
-      `(y, None)`: outputs [B, T, D].
+      An `AttentionState` with zero keys and values [B, C, H, K] (C = max_length, or
+      window - 1) and position 0.
     """
-    del state
+    self._check_window()
+    if self.window is None:
+      if max_length is None:
+        raise ValueError("init_state of full attention (window=None) needs max_length, the "
+                         "most tokens the sequence will hold; got None")
+      if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
+      capacity = max_length
+    else:
+      capacity = self.window - 1
+    shape = (batch_size, capacity, self.num_heads, self.head_dim)
+    return AttentionState(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                          jnp.zeros((), jnp.int32))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, state: Optional[AttentionState] = None):
+    """Attends over a whole sequence, or continues one from a KV cache.
+
+    Without a state, `x` is a whole sequence starting at position 0 and nothing is cached.
+    With a state, `x` holds the tokens at positions `state.position, ...`; they attend to
+    the cached tokens and to each other (causally, within the window) and are cached.
+
+    Overflow: full attention caches `max_length` tokens. A call with more tokens than that
+    raises a ValueError; so does one that would pass max_length when `state.position` is
+    concrete (outside jit). Under jit the position is traced and cannot be checked: the
+    outputs of tokens at positions >= max_length are NaN (never silently wrong).
+
+    Args:
+      x: inputs [B, T, D], T >= 1.
+      state: None, or the `AttentionState` after the previous tokens (`init_state`).
+
+    Returns:
+      `(y, state)`: outputs [B, T, D] and the updated state (None when `state` is None).
+    """
+    if x.ndim != 3 or x.shape[1] < 1:
+      raise ValueError(f"x must have shape [B, T, D] with T >= 1, got {tuple(x.shape)}")
+    self._check_window()
     b, t, d = x.shape
     h, hd = self.num_heads, self.head_dim
-    if self.window is not None and self.window < 1:
-      raise ValueError(f"window must be None or >= 1, got {self.window}")
+    if state is not None:
+      self._check_state(state, b)
     qkv = nn.Dense(3 * h * hd, use_bias=False, name="qkv_proj")(x).reshape(b, t, 3, h, hd)
-    positions = jnp.arange(t)
+    start = 0 if state is None else state.position
+    positions = start + jnp.arange(t, dtype=jnp.int32)
     q = rotary_embedding(qkv[:, :, 0], positions, self.rope_base)
     k = rotary_embedding(qkv[:, :, 1], positions, self.rope_base)
-    window = None if self.window is None else (self.window - 1, 0)
-    o = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], is_causal=True, local_window_size=window)
-    return nn.Dense(d, use_bias=False, name="out_proj")(o.reshape(b, t, h * hd)), None
+    v = qkv[:, :, 2]
+    if state is None:
+      window = None if self.window is None else (self.window - 1, 0)
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+    elif self.window is None:
+      o, state = self._attend_full_cache(q, k, v, positions, state)
+    else:
+      o, state = self._attend_ring_cache(q, k, v, positions, state)
+    return nn.Dense(d, use_bias=False, name="out_proj")(o.reshape(b, t, h * hd)), state
+
+  def _check_state(self, state: AttentionState, batch_size: int) -> None:
+    """Raises ValueError unless `state` fits this layer and a batch of `batch_size`."""
+    if not isinstance(state, AttentionState):
+      raise ValueError(f"state must be an AttentionState (see init_state), got "
+                       f"{type(state).__name__}")
+    capacity = state.keys.shape[1] if state.keys.ndim == 4 else None
+    want_capacity = capacity if self.window is None else self.window - 1
+    want = (batch_size, want_capacity, self.num_heads, self.head_dim)
+    for name in ("keys", "values"):
+      got = tuple(getattr(state, name).shape)
+      if got != want:
+        raise ValueError(
+            f"state.{name} must have shape [B, C, H, K] = {want} (B of x, C = "
+            f"{'max_length' if self.window is None else 'window - 1'}), got {got}")
+    if jnp.shape(state.position) != ():
+      raise ValueError(f"state.position must be a scalar, got shape "
+                       f"{jnp.shape(state.position)}")
+
+  def _attend_full_cache(self, q, k, v, positions, state):
+    """Writes the new tokens into slots `positions` and attends over the whole cache."""
+    t, capacity = q.shape[1], state.keys.shape[1]
+    check_cache_room(state.position, t, capacity)
+    # mode="drop": a token past the end is not written (clamping would overwrite others).
+    keys = state.keys.at[:, positions].set(k.astype(state.keys.dtype), mode="drop")
+    values = state.values.at[:, positions].set(v.astype(state.values.dtype), mode="drop")
+    # Slot s holds token s; slots past the newest token are empty and masked with the future.
+    mask = jnp.arange(capacity)[None, :] <= positions[:, None]  # [T, C]
+    o = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                     mask=mask[None, None])
+    o = jnp.where((positions < capacity)[None, :, None, None], o, jnp.nan)
+    return o, AttentionState(keys, values, state.position + t)
+
+  def _attend_ring_cache(self, q, k, v, positions, state):
+    """Attends over the ring buffer and the new tokens, then keeps the last window - 1."""
+    t, size = q.shape[1], state.keys.shape[1]
+    p = state.position
+    # Slot s holds the latest token p' < p with p' mod size = s; negative: empty.
+    slot_positions = p - 1 - jnp.mod(p - 1 - jnp.arange(size, dtype=jnp.int32), max(size, 1))
+    key_positions = jnp.concatenate([slot_positions, positions])
+    keys = jnp.concatenate([state.keys.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([state.values.astype(v.dtype), v], axis=1)
+    offset = positions[:, None] - key_positions[None, :]  # [T, size + T]
+    mask = (key_positions[None, :] >= 0) & (offset >= 0) & (offset < self.window)
+    o = jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None])
+    # The last min(T, size) new tokens are the ones the next token can still see; their
+    # slots are distinct, so the scatter has no collisions.
+    keep = min(t, size)
+    slots = jnp.mod(positions[t - keep:], max(size, 1))
+    new_keys = state.keys.at[:, slots].set(k[:, t - keep:].astype(state.keys.dtype))
+    new_values = state.values.at[:, slots].set(v[:, t - keep:].astype(state.values.dtype))
+    return o, AttentionState(new_keys, new_values, p + t)
