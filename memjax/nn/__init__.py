@@ -5,6 +5,7 @@ from memjax.nn.associative import AssociativeMemoryState
 from memjax.nn.associative import DeltaNet
 from memjax.nn.associative import GatedDeltaNet
 from memjax.nn.associative import LinearAttention
+from memjax.nn.attention import AttentionState
 from memjax.nn.attention import CausalSelfAttention
 from memjax.nn.conv import ShortConvolution
 from memjax.nn.mlp import SwiGLU
@@ -19,3 +20,8 @@ from memjax.nn.hopfield import HopfieldLayer
 from memjax.nn.hopfield import HopfieldPooling
 from memjax.nn.titans import NeuralMemory
 from memjax.nn.titans import NeuralMemoryLayerState
+from memjax.nn.titans_architectures import TitansMAC
+from memjax.nn.titans_architectures import TitansMACState
+from memjax.nn.titans_architectures import TitansMAG
+from memjax.nn.titans_architectures import TitansMAL
+from memjax.nn.titans_architectures import TitansState

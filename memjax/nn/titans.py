@@ -10,7 +10,8 @@ memory before the sequence (they are part of the state `init_state` returns).
 
 State is explicit: `y, state = layer.apply(params, x, state)`; the state at the start of a
 sequence is `layer.apply(params, batch_size, method="init_state")` (it needs the parameters:
-the memory's meta-learned initial weights and the persistent tokens).
+the memory's meta-learned initial weights and the persistent tokens). `read` retrieves with
+given memory weights without writing (the `M*` of Titans §4.1, for `TitansMAC`).
 """
 
 from typing import NamedTuple, Optional, Union
@@ -20,8 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from memjax import ops
+from memjax.ops import chunking
 from memjax.ops import miras
 from memjax.ops import titans as titans_ops
+from memjax.ops import titans_memory
 from memjax.nn.conv import ShortConvolution
 from memjax.nn.norms import GatedRMSNorm
 from memjax.nn.norms import l2_normalize
@@ -69,7 +72,7 @@ class _DenseTo(nn.Module):
     return nn.Dense(features, use_bias=False, name="dense")(x)
 
 
-class _PersistentTokens(nn.Module):
+class PersistentTokens(nn.Module):
   """`num_tokens` learnable input-independent tokens of width given at call time."""
   num_tokens: int
 
@@ -133,7 +136,7 @@ class NeuralMemory(nn.Module):
     self.out_norm = GatedRMSNorm(name="out_norm")
     self.out_proj = _DenseTo(name="out_proj")
     if self.num_persistent_tokens > 0:
-      self.persistent = _PersistentTokens(self.num_persistent_tokens, name="persistent")
+      self.persistent = PersistentTokens(self.num_persistent_tokens, name="persistent")
 
   def init_state(self, batch_size: int, dim: Optional[int] = None) -> NeuralMemoryLayerState:
     """The state at the start of a sequence, with the persistent tokens memorised.
@@ -174,17 +177,48 @@ class NeuralMemory(nn.Module):
       state = self.init_state(x.shape[0], x.shape[-1])
     return self._mix(x, state)
 
-  def _mix(self, x, state):
-    b, t, d = x.shape
-    h, k = self.num_heads, self.head_dim
-    q, kk, vv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    conv_q, conv_k, conv_v = state.conv_q, state.conv_k, state.conv_v
+  def read(self, x: jax.Array, weights, conv_q: jax.Array):
+    """`M*(q)`: the layer's output for queries from x with fixed memory weights, no write.
+
+    The retrieval of Titans eq 21 (`h_t = M*_{t-1}(q_t)`): the same query path and output
+    path as `__call__`, but the memory is only read, so nothing is learned from x.
+
+    Args:
+      x: inputs [B, T, D].
+      weights: the memory weights to read, per layer [B, H, d_in, d_out] (for instance
+        `state.memory.weights` of a `NeuralMemoryLayerState`).
+      conv_q: the query convolution's window over the previous inputs of this stream
+        [B, conv_size - 1, H * K] (a read stream keeps its own window).
+
+    Returns:
+      `(y, conv_q)`: outputs [B, T, D] and the window after x.
+    """
+    b, t, _ = x.shape
+    q, conv_q = self._features("q", x, conv_q)
+    q = jnp.swapaxes(l2_normalize(q.reshape(b, t, self.num_heads, self.head_dim)), 1, 2)
+    o, _ = titans_memory.forward(weights, q.astype(jnp.float32), self.activation,
+                                 chunking.matmul_precision(x.dtype))
+    return self._output(jnp.swapaxes(o, 1, 2).astype(x.dtype), x), conv_q
+
+  def _features(self, name, x, window):
+    """Projection `name` ("q", "k" or "v") through its short convolution (or SiLU if none)."""
+    y = getattr(self, f"{name}_proj")(x)
     if self.conv_size > 0:
-      q, conv_q = self.q_conv(q, conv_q)
-      kk, conv_k = self.k_conv(kk, conv_k)
-      vv, conv_v = self.v_conv(vv, conv_v)
-    else:
-      q, kk, vv = jax.nn.silu(q), jax.nn.silu(kk), jax.nn.silu(vv)
+      return getattr(self, f"{name}_conv")(y, window)
+    return jax.nn.silu(y), window
+
+  def _output(self, o, x):
+    """Per-head gated RMSNorm of the memory outputs o [B, T, H, V], then D outputs."""
+    b, t, d = x.shape
+    gate = self.gate_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    return self.out_proj(self.out_norm(o, gate).reshape(b, t, -1), d)
+
+  def _mix(self, x, state):
+    b, t, _ = x.shape
+    h, k = self.num_heads, self.head_dim
+    q, conv_q = self._features("q", x, state.conv_q)
+    kk, conv_k = self._features("k", x, state.conv_k)
+    vv, conv_v = self._features("v", x, state.conv_v)
     q = l2_normalize(q.reshape(b, t, h, k))
     kk = l2_normalize(kk.reshape(b, t, h, k))
     vv = vv.reshape(b, t, h, k)
@@ -206,7 +240,4 @@ class NeuralMemory(nn.Module):
           q, kk, vv, theta, eta, alpha, huber_delta=delta, initial_state=state.memory,
           return_final_state=True, chunk_size=self.chunk_size,
           implementation=self.implementation, **common)
-    gate = self.gate_proj(x).reshape(b, t, h, k)
-    y = self.out_norm(o, gate).reshape(b, t, h * k)
-    y = self.out_proj(y, d)
-    return y, NeuralMemoryLayerState(conv_q, conv_k, conv_v, memory)
+    return self._output(o, x), NeuralMemoryLayerState(conv_q, conv_k, conv_v, memory)

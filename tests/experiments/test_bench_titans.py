@@ -1,0 +1,37 @@
+"""Smoke test: the Titans benchmark runs in its small CPU mode, fills every row of its table,
+and its two memjax implementations agree."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
+
+
+def test_small_run_fills_the_table():
+  done = subprocess.run(
+      [sys.executable, str(ROOT / "experiments/bench_titans.py"), "--small", "--noanchor"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  # The whole table is printed again at the end: the rows after the last header.
+  table = lines[max(i for i, line in enumerate(lines) if line.startswith("|---")) + 1:]
+  rows = [line.split("|")[1:-1] for line in table if line.startswith("| ")]
+  # linear and mlp x float32 and bfloat16 x xla and reference x forward and forward+backward.
+  assert len(rows) == 16, done.stdout
+  seen = set()
+  for memory, shape, dtype, impl, passes, ms, rate, xla_peak, _, _ in (
+      [c.strip() for c in row] for row in rows):
+    assert shape == "2-64-32-2-16" and not ms.startswith("failed"), (memory, impl, passes, ms)
+    assert float(ms) > 0 and float(xla_peak) >= 0
+    # M tokens/s is B * T over the time (both rounded in the table).
+    assert abs(float(rate) - 128 / float(ms) / 1e3) <= 0.01, (ms, rate)
+    seen.add((memory, dtype, impl, passes))
+  assert len(seen) == 16
+  diffs = dict(re.findall(r"(\w+ \S+ \w+): xla vs reference forward, relative difference (\S+)",
+                          done.stdout))
+  assert set(diffs) == {f"{m} 2-64-32-2-16 {d}" for m in ("linear", "mlp")
+                        for d in ("float32", "bfloat16")}, done.stdout
+  for name, diff in diffs.items():
+    assert float(diff) < (1e-4 if "float32" in name else 2e-2), (name, diff)
