@@ -5,8 +5,10 @@ measured 6 minutes on 2 cores, held-out accuracy 0.9952); `gpu` is a harder task
 (sequence 256, 32 pairs, vocab 8192) and a larger model (about 2.5 minutes on one
 H200; about 0.99); `tiny` is a few steps of a tiny model, for tests; `mom` is the
 CPU job with Mixture-of-Memories layers (`mom,mom`; accuracy not yet measured); `lmm`
-is the CPU job with Titans neural-memory layers (`lmm,lmm`; accuracy not yet measured).
-From the repo root:
+is the CPU job with Titans neural-memory layers (`lmm,lmm`; accuracy not yet measured);
+`pkm` is the CPU job with product-key memories in place of the FFNs (`gdn,gdn` mixers,
+`pkm` FFNs with 256 value rows each, Memory Layers at Scale style; accuracy not yet
+measured). From the repo root:
 
   python experiments/train.py
   python experiments/train.py --config=experiments/configs/mqar.py:gpu \
@@ -15,8 +17,12 @@ From the repo root:
       --workdir=/tmp/memjax/mqar_mom
   python experiments/train.py --config=experiments/configs/mqar.py:lmm \
       --workdir=/tmp/memjax/mqar_lmm
+  python experiments/train.py --config=experiments/configs/mqar.py:pkm \
+      --workdir=/tmp/memjax/mqar_pkm
   python experiments/train.py --config.train.num_steps=3000 \
       --config.model.mixers=attn,gdn --workdir=/tmp/memjax/mqar_mixed
+  python experiments/train.py --config.model.mixers=gdn,gdn,gdn,attn \
+      --config.model.ffns=mlp,pkm,mlp,mlp --workdir=/tmp/memjax/mqar_hybrid
 
 Any field can be overridden as `--config.<section>.<field>=<value>`. The
 vocabulary size is shared: `--config.data.vocab_size=...` also sets the
@@ -28,14 +34,14 @@ only with XLA_FLAGS=--xla_gpu_deterministic_ops=true.
 import ml_collections
 from ml_collections import config_dict
 
-_VARIANTS = ("cpu", "gpu", "tiny", "mom", "lmm")
+_VARIANTS = ("cpu", "gpu", "tiny", "mom", "lmm", "pkm")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config of one variant.
 
   Args:
-    arg: "cpu" (also None or ""), "gpu", "tiny", "mom" or "lmm".
+    arg: "cpu" (also None or ""), "gpu", "tiny", "mom", "lmm" or "pkm".
 
   Returns:
     The ConfigDict with sections `model`, `data` and `train`.
@@ -45,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant {arg!r}; expected one of {_VARIANTS}.")
 
   def pick(cpu, gpu, tiny):
-    return {"cpu": cpu, "gpu": gpu, "tiny": tiny, "mom": cpu, "lmm": cpu}[variant]
+    return {"cpu": cpu, "gpu": gpu, "tiny": tiny, "mom": cpu, "lmm": cpu, "pkm": cpu}[variant]
 
   # One reference for both sections: the model must embed every task token.
   vocab_size = config_dict.FieldReference(pick(256, 8192, 64))
@@ -57,10 +63,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           d_model=pick(64, 256, 32),
           mixers=("mom,mom" if variant == "mom" else "lmm,lmm" if variant == "lmm"
                   else pick("gdn,gdn", "gdn,gdn", "gdn")),
+          # One FFN for every layer ("mlp" or "pkm") or one per layer, e.g. "mlp,pkm".
+          ffns="pkm" if variant == "pkm" else "mlp",
           num_heads=pick(2, 4, 2),
           mlp_ratio=2.0,
           tie_embeddings=True,
           chunk_size=pick(64, 64, 16),
+          # Product-key memories of "pkm" FFNs: n_keys ** 2 value rows, each of the
+          # query heads selects knn of them.
+          pkm_n_keys=16,
+          pkm_heads=2,
+          pkm_knn=8,
+          pkm_k_dim=32,
+          pkm_shared_values=False,
+          # Consecutive identical layers run as one nn.scan (compile time independent
+          # of their number); False unrolls them.
+          scan_layers=True,
           # "reference" | "xla" | "pallas"; None picks the fastest available.
           implementation=config_dict.placeholder(str),
       )

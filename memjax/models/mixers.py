@@ -1,42 +1,107 @@
-"""The token mixers a decoder layer can use, by name, and the parser of per-layer specs."""
+"""The token mixers a decoder layer can use, by name, and the parser of per-layer specs.
 
-from typing import Callable, Dict, Tuple
+Every mixer is a Flax module with `__call__(x, state=None) -> (y, state)` on [B, T, D]
+inputs. Their `init_state` signatures differ, so each registry entry carries an adapter to
+the model's one: `init_state(module, batch_size, dim, max_length)`. A mixer whose own
+method is `init_state(batch_size, dim, max_length)` needs no adapter, so registering one is
+one line:
+
+    MIXERS["my_mixer"] = Mixer(lambda s: MyMixer(num_heads=s.num_heads, head_dim=s.head_dim))
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 
 from memjax import nn as mnn
+from memjax.models.hopfield_mixer import CausalHopfield
 
 
-def _associative(cls):
-  def build(num_heads, head_dim, *, expand_v, chunk_size, implementation, window, name):
-    del window
-    return cls(num_heads=num_heads, head_dim=head_dim, expand_v=expand_v,
-               chunk_size=chunk_size, implementation=implementation, name=name)
-  return build
+@dataclasses.dataclass(frozen=True)
+class MixerSettings:
+  """The model-wide hyperparameters a mixer builder may read.
+
+  Attributes:
+    num_heads: heads of the mixer.
+    head_dim: (key) dim of each head.
+    expand_v: value dim over key dim of the associative memories.
+    chunk_size: chunk length of the memory ops.
+    implementation: implementation of the memory ops (None: the fastest available).
+    window: window of sliding-window attention (None: not set).
+  """
+  num_heads: int
+  head_dim: int
+  expand_v: float = 1.0
+  chunk_size: int = 64
+  implementation: Optional[str] = None
+  window: Optional[int] = None
 
 
-def _attention(sliding: bool):
-  def build(num_heads, head_dim, *, expand_v, chunk_size, implementation, window, name):
-    del expand_v, chunk_size, implementation
-    if sliding and window is None:
+def _own_init_state(module: nn.Module, batch_size: int, dim: int, max_length: Optional[int]):
+  """The adapter of mixers whose `init_state` already has the model's signature."""
+  return module.init_state(batch_size, dim, max_length)
+
+
+class Mixer(NamedTuple):
+  """A registered token mixer.
+
+  Attributes:
+    build: `MixerSettings -> module`; the module maps `(x [B, T, D], state=None)` to
+      `(y [B, T, D], state)`.
+    init_state: `(bound module, batch_size, dim, max_length) -> state` at the start of a
+      sequence; `dim` is the model width D, `max_length` the most tokens the sequence will
+      hold (None where the caller has none to give). Called inside `Module.apply`, so it
+      may read the mixer's parameters.
+  """
+  build: Callable[[MixerSettings], nn.Module]
+  init_state: Callable[[nn.Module, int, int, Optional[int]], Any] = _own_init_state
+
+
+def _associative(cls) -> Mixer:
+  return Mixer(
+      build=lambda s: cls(num_heads=s.num_heads, head_dim=s.head_dim, expand_v=s.expand_v,
+                          chunk_size=s.chunk_size, implementation=s.implementation),
+      init_state=lambda module, batch_size, dim, max_length: module.init_state(batch_size))
+
+
+def _attention(sliding: bool) -> Mixer:
+  def build(s: MixerSettings) -> nn.Module:
+    if sliding and s.window is None:
       raise ValueError("mixer 'swa' needs attention_window (an int >= 1), got None")
-    return mnn.CausalSelfAttention(num_heads=num_heads, head_dim=head_dim,
-                                   window=window if sliding else None, name=name)
-  return build
+    return mnn.CausalSelfAttention(num_heads=s.num_heads, head_dim=s.head_dim,
+                                   window=s.window if sliding else None)
+
+  return Mixer(build, lambda module, batch_size, dim, max_length: module.init_state(
+      batch_size, max_length))
 
 
-# name -> builder(num_heads, head_dim, *, expand_v, chunk_size, implementation, window, name)
-MIXERS: Dict[str, Callable[..., nn.Module]] = {
+MIXERS: Dict[str, Mixer] = {
     "attn": _attention(sliding=False),
     "swa": _attention(sliding=True),
     "linear": _associative(mnn.LinearAttention),
     "deltanet": _associative(mnn.DeltaNet),
     "gdn": _associative(mnn.GatedDeltaNet),
     "mom": _associative(mnn.MixtureOfMemories),
-    # The Titans LMM keeps K = V (its MLP memory is residual), so expand_v does not apply.
-    "lmm": lambda num_heads, head_dim, *, expand_v, chunk_size, implementation, window, name: (
-        mnn.NeuralMemory(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size,
-                         implementation=implementation, name=name)),
+    # The Titans LMM keeps K = V (its MLP memory is residual), so expand_v does not apply;
+    # its init_state reads the parameters (the memory's initial weights).
+    "lmm": Mixer(
+        lambda s: mnn.NeuralMemory(num_heads=s.num_heads, head_dim=s.head_dim,
+                                   chunk_size=s.chunk_size, implementation=s.implementation),
+        lambda module, batch_size, dim, max_length: module.init_state(batch_size, dim)),
+    "hopfield": Mixer(lambda s: CausalHopfield(num_heads=s.num_heads, head_dim=s.head_dim)),
+    # Titans' three architectures (their init_state(batch_size, dim, max_length) reads the
+    # parameters). attention_window is MAC's segment (its attention span; 64 when unset)
+    # and MAG's / MAL's sliding window (unset: full causal attention).
+    "titans_mac": Mixer(lambda s: mnn.TitansMAC(
+        num_heads=s.num_heads, head_dim=s.head_dim, segment_size=s.window or 64,
+        chunk_size=s.chunk_size, implementation=s.implementation)),
+    "titans_mag": Mixer(lambda s: mnn.TitansMAG(
+        num_heads=s.num_heads, head_dim=s.head_dim, window=s.window, chunk_size=s.chunk_size,
+        implementation=s.implementation)),
+    "titans_mal": Mixer(lambda s: mnn.TitansMAL(
+        num_heads=s.num_heads, head_dim=s.head_dim, window=s.window, chunk_size=s.chunk_size,
+        implementation=s.implementation)),
 }
 
 

@@ -5,6 +5,8 @@ from typing import Any
 import jax
 import optax
 
+from memjax.models.summary import SCANNED_RUN
+
 # Parameters with these names are offsets or gains: decaying them towards zero
 # does not regularise the function the model computes.
 _NO_DECAY_NAMES = ("bias", "scale")
@@ -46,7 +48,9 @@ def weight_decay_mask(params: Any) -> Any:
   """Marks the parameters that weight decay applies to.
 
   Biases, norm scales and every other parameter with fewer than two dimensions
-  are left out; matrices (embeddings included) and higher-rank kernels decay.
+  are left out; matrices (embeddings included) and higher-rank kernels decay. In a
+  scanned run of decoder layers (`layers_<first>_<last>`) every parameter has a
+  leading layer axis, which does not count.
 
   Args:
     params: A pytree of parameter arrays, as nested dicts (Flax layout).
@@ -56,8 +60,9 @@ def weight_decay_mask(params: Any) -> Any:
   """
 
   def decays(path, param):
-    name = getattr(path[-1], "key", None)
-    return param.ndim >= 2 and name not in _NO_DECAY_NAMES
+    keys = [str(getattr(entry, "key", "")) for entry in path]
+    layer_axes = sum(1 for key in keys if SCANNED_RUN.match(key))
+    return param.ndim - layer_axes >= 2 and keys[-1] not in _NO_DECAY_NAMES
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

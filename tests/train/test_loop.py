@@ -165,6 +165,20 @@ def test_weight_decay_skips_biases_scales_and_vectors():
   }
 
 
+def test_weight_decay_does_not_count_the_layer_axis_of_scanned_runs():
+  params = {
+      "layers_0_3": {"mixer": {"A_log": jnp.ones((4, 2)),
+                               "q_proj": {"kernel": jnp.ones((4, 3, 2))}},
+                     "norm": {"scale": jnp.ones((4, 3))}},
+      "layer_4": {"mixer": {"A_log": jnp.ones(2)}},
+  }
+  assert train.weight_decay_mask(params) == {
+      "layers_0_3": {"mixer": {"A_log": False, "q_proj": {"kernel": True}},
+                     "norm": {"scale": False}},
+      "layer_4": {"mixer": {"A_log": False}},
+  }
+
+
 def test_schedule_warms_up_then_decays_to_zero():
   config = _tiny_config(_NUM_STEPS).train
   schedule = train.learning_rate_schedule(config)
