@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memjax import nn as mnn
-from memjax.models import MIXERS
+from memjax.models import MIXERS, MixerSettings
 from tests.conftest import assert_close
 
 CONFIG = dict(num_memories=3, top_k=2, num_heads=2, head_dim=8, expand_v=2.0, chunk_size=4)
@@ -129,7 +129,7 @@ def test_parameters(layer_params_x):
 
 
 def test_mom_is_a_decoder_mixer():
-  mixer = MIXERS["mom"](2, 8, expand_v=1.0, chunk_size=16, implementation="xla", window=None,
-                        name=None)
+  mixer = MIXERS["mom"].build(MixerSettings(num_heads=2, head_dim=8, expand_v=1.0,
+                                            chunk_size=16, implementation="xla", window=None))
   assert isinstance(mixer, mnn.MixtureOfMemories)
   assert (mixer.num_heads, mixer.head_dim, mixer.chunk_size) == (2, 8, 16)
