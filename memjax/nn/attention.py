@@ -1,16 +1,21 @@
 """Causal softmax attention (optionally sliding-window) with rotary position embeddings.
 
 Whole sequences run through `jax.nn.dot_product_attention` with its causal (and local
-window) mask. Decoding keeps a KV cache in an explicit `AttentionState`:
+window) mask. A sliding window may keep the first `num_prefix_tokens` tokens of the
+sequence visible to every token (the SW-Attn* of Titans, arXiv 2501.00663 §4.2): token i
+sees token j <= i when i - j < window or j < num_prefix_tokens. Decoding keeps a KV cache
+in an explicit `AttentionState`:
 
     state = layer.init_state(batch_size, max_length)       # full attention
-    state = layer.init_state(batch_size)                   # sliding window: O(window)
+    state = layer.init_state(batch_size)                   # window: O(prefix + window)
     y, state = layer.apply(params, prompt, state)          # prefill, any length
     y, state = layer.apply(params, next_token, state)      # one-token steps
 
 Full attention caches the rotary-applied keys and values of token `p` in slot `p` of a
-`max_length` cache. Sliding-window attention caches the last `window - 1` tokens in a ring
-buffer (token `p` in slot `p mod (window - 1)`): those are all a later token can see.
+`max_length` cache. Sliding-window attention with P = `num_prefix_tokens` caches the prefix
+token `p < P` in slot `p`, never overwritten, and the last `window - 1` later tokens in a
+ring buffer after it (token `p >= P` in slot `P + (p - P) mod (window - 1)`): those are all
+a later token can see.
 """
 
 from typing import NamedTuple, Optional
@@ -74,17 +79,24 @@ class CausalSelfAttention(nn.Module):
     num_heads: number of heads.
     head_dim: dim of each head's queries, keys and values (even, for RoPE).
     window: if set, each token attends to itself and the `window - 1` tokens before it
-      (sliding-window attention); None attends to the whole prefix.
+      (sliding-window attention); None attends to all tokens before it.
+    num_prefix_tokens: P, the first tokens of the sequence (positions 0 ... P - 1, counted
+      from its start, cached tokens included) that every later token sees besides its
+      window. Changes nothing without a window.
     rope_base: wavelength base of the rotary embeddings.
   """
   num_heads: int = 4
   head_dim: int = 64
   window: Optional[int] = None
+  num_prefix_tokens: int = 0
   rope_base: float = 10000.0
 
-  def _check_window(self) -> None:
+  def _check_config(self) -> None:
     if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
       raise ValueError(f"window must be None or an int >= 1, got {self.window!r}")
+    p = self.num_prefix_tokens
+    if not isinstance(p, int) or isinstance(p, bool) or p < 0:
+      raise ValueError(f"num_prefix_tokens must be an int >= 0, got {p!r}")
 
   def init_state(self, batch_size: int, max_length: Optional[int] = None,
                  dtype=jnp.float32) -> AttentionState:
@@ -93,14 +105,15 @@ class CausalSelfAttention(nn.Module):
     Args:
       batch_size: B.
       max_length: the most tokens a sequence may hold (prompt and generated tokens) with
-        full attention; ignored with a window, whose cache holds `window - 1` tokens.
+        full attention; ignored with a window, whose cache holds
+        `num_prefix_tokens + window - 1` tokens.
       dtype: dtype of the cached keys and values.
 
     Returns:
       An `AttentionState` with zero keys and values [B, C, H, K] (C = max_length, or
-      window - 1) and position 0.
+      num_prefix_tokens + window - 1) and position 0.
     """
-    self._check_window()
+    self._check_config()
     if self.window is None:
       if max_length is None:
         raise ValueError("init_state of full attention (window=None) needs max_length, the "
@@ -109,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
       capacity = max_length
     else:
-      capacity = self.window - 1
+      capacity = self.num_prefix_tokens + self.window - 1
     shape = (batch_size, capacity, self.num_heads, self.head_dim)
     return AttentionState(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                           jnp.zeros((), jnp.int32))
@@ -120,7 +133,8 @@ class CausalSelfAttention(nn.Module):
 
     Without a state, `x` is a whole sequence starting at position 0 and nothing is cached.
     With a state, `x` holds the tokens at positions `state.position, ...`; they attend to
-    the cached tokens and to each other (causally, within the window) and are cached.
+    the cached tokens and to each other (causally, within the window and the prefix) and
+    are cached.
 
     Overflow: full attention caches `max_length` tokens. A call with more tokens than that
     raises a ValueError; so does one that would pass max_length when `state.position` is
@@ -136,7 +150,7 @@ class CausalSelfAttention(nn.Module):
     """
     if x.ndim != 3 or x.shape[1] < 1:
       raise ValueError(f"x must have shape [B, T, D] with T >= 1, got {tuple(x.shape)}")
-    self._check_window()
+    self._check_config()
     b, t, d = x.shape
     h, hd = self.num_heads, self.head_dim
     if state is not None:
@@ -147,9 +161,12 @@ class CausalSelfAttention(nn.Module):
     q = rotary_embedding(qkv[:, :, 0], positions, self.rope_base)
     k = rotary_embedding(qkv[:, :, 1], positions, self.rope_base)
     v = qkv[:, :, 2]
-    if state is None:
+    if state is None and (self.window is None or self.num_prefix_tokens == 0):
       window = None if self.window is None else (self.window - 1, 0)
       o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+    elif state is None:
+      mask = self._visible(positions, positions)
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
     elif self.window is None:
       o, state = self._attend_full_cache(q, k, v, positions, state)
     else:
@@ -162,14 +179,16 @@ class CausalSelfAttention(nn.Module):
       raise ValueError(f"state must be an AttentionState (see init_state), got "
                        f"{type(state).__name__}")
     capacity = state.keys.shape[1] if state.keys.ndim == 4 else None
-    want_capacity = capacity if self.window is None else self.window - 1
+    want_capacity = (capacity if self.window is None
+                     else self.num_prefix_tokens + self.window - 1)
     want = (batch_size, want_capacity, self.num_heads, self.head_dim)
     for name in ("keys", "values"):
       got = tuple(getattr(state, name).shape)
       if got != want:
         raise ValueError(
             f"state.{name} must have shape [B, C, H, K] = {want} (B of x, C = "
-            f"{'max_length' if self.window is None else 'window - 1'}), got {got}")
+            f"{'max_length' if self.window is None else 'num_prefix_tokens + window - 1'}"
+            f"), got {got}")
     if jnp.shape(state.position) != ():
       raise ValueError(f"state.position must be a scalar, got shape "
                        f"{jnp.shape(state.position)}")
@@ -188,22 +207,36 @@ class CausalSelfAttention(nn.Module):
     o = jnp.where((positions < capacity)[None, :, None, None], o, jnp.nan)
     return o, AttentionState(keys, values, state.position + t)
 
+  def _visible(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """[T, S] mask of the keys at `key_positions` [S] (negative: an empty slot) that the
+    queries at `query_positions` [T] see: causal, within the window or the prefix."""
+    offset = query_positions[:, None] - key_positions[None, :]
+    near = (offset < self.window) | (key_positions[None, :] < self.num_prefix_tokens)
+    return (key_positions[None, :] >= 0) & (offset >= 0) & near
+
   def _attend_ring_cache(self, q, k, v, positions, state):
-    """Attends over the ring buffer and the new tokens, then keeps the last window - 1."""
-    t, size = q.shape[1], state.keys.shape[1]
+    """Attends over the cache and the new tokens, then caches the prefix tokens among them
+    and the last window - 1 tokens after the prefix."""
+    t, n_p, size = q.shape[1], self.num_prefix_tokens, self.window - 1
     p = state.position
-    # Slot s holds the latest token p' < p with p' mod size = s; negative: empty.
-    slot_positions = p - 1 - jnp.mod(p - 1 - jnp.arange(size, dtype=jnp.int32), max(size, 1))
-    key_positions = jnp.concatenate([slot_positions, positions])
+    # Slot s < n_p holds token s once it is cached; slot n_p + s the latest token p' in
+    # [n_p, p) with (p' - n_p) mod size = s. Position -1: an empty slot.
+    prefix_positions = jnp.arange(n_p, dtype=jnp.int32)
+    prefix_positions = jnp.where(prefix_positions < p, prefix_positions, -1)
+    ring_positions = p - 1 - jnp.mod(p - 1 - n_p - jnp.arange(size, dtype=jnp.int32),
+                                     max(size, 1))
+    ring_positions = jnp.where(ring_positions >= n_p, ring_positions, -1)
+    key_positions = jnp.concatenate([prefix_positions, ring_positions, positions])
     keys = jnp.concatenate([state.keys.astype(k.dtype), k], axis=1)
     values = jnp.concatenate([state.values.astype(v.dtype), v], axis=1)
-    offset = positions[:, None] - key_positions[None, :]  # [T, size + T]
-    mask = (key_positions[None, :] >= 0) & (offset >= 0) & (offset < self.window)
+    mask = self._visible(positions, key_positions)
     o = jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None])
-    # The last min(T, size) new tokens are the ones the next token can still see; their
-    # slots are distinct, so the scatter has no collisions.
-    keep = min(t, size)
-    slots = jnp.mod(positions[t - keep:], max(size, 1))
-    new_keys = state.keys.at[:, slots].set(k[:, t - keep:].astype(state.keys.dtype))
-    new_values = state.values.at[:, slots].set(v[:, t - keep:].astype(state.values.dtype))
+    # A new token is cached if it is in the prefix, or among the last `size` new tokens
+    # (the ones the next token can still see); the others go to slot n_p + size and are
+    # dropped. Cached slots are distinct, so the scatter has no collisions.
+    last = jnp.arange(t) >= t - size
+    ring_slots = n_p + jnp.mod(positions - n_p, max(size, 1))
+    slots = jnp.where(positions < n_p, positions, jnp.where(last, ring_slots, n_p + size))
+    new_keys = state.keys.at[:, slots].set(k.astype(state.keys.dtype), mode="drop")
+    new_values = state.values.at[:, slots].set(v.astype(state.values.dtype), mode="drop")
     return o, AttentionState(new_keys, new_values, p + t)

@@ -6,10 +6,11 @@ Three token mixers built from `NeuralMemory` (the LMM) and softmax attention, ea
 * `TitansMAC`, memory as a context (§4.1, eqs 21-25): the sequence is cut into segments;
   each segment attends over [persistent | retrievals from the memory | segment], and the
   attention outputs are written into the memory and gate the memory's read of them.
-* `TitansMAG`, memory as a gate (§4.2, eqs 26-28): sliding-window attention and the memory
-  run side by side over `[persistent | x]`; the memory gates the attention.
+* `TitansMAG`, memory as a gate (§4.2, eqs 26-28): sliding-window attention that keeps
+  the persistent tokens visible to every token (SW-Attn*) and the memory run side by side
+  over `[persistent | x]`; the memory gates the attention.
 * `TitansMAL`, memory as a layer (§4.3, eqs 29-31): the memory over `[persistent | x]`,
-  then sliding-window attention over its outputs.
+  then plain sliding-window attention (SW-Attn, no prefix) over its outputs.
 
 The paper's gating `⊗` (eqs 25, 28) is `RMSNorm(y) * sigmoid(RMSNorm(m))`: both outputs
 normalised with learnable vector-valued weights, then a non-linearity on the memory side.
@@ -20,7 +21,7 @@ memory's initial weights and the persistent tokens), then `y, state = layer.appl
 x, state)`. Running a sequence in pieces or token by token gives the outputs of one call.
 """
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import ClassVar, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -338,11 +339,14 @@ class _SlidingWindowTitans(_Titans):
       memory_expansion, rule, chunk_size, implementation, rope_base: see `_Titans`.
   """
   window: Optional[int] = 512
+  # True: the persistent tokens stay visible to every token beside the window (SW-Attn*).
+  persistent_always_visible: ClassVar[bool] = False
 
   def setup(self):
+    prefix = self.num_persistent_tokens if self.persistent_always_visible else 0
     self.attention = CausalSelfAttention(num_heads=self.num_heads, head_dim=self.head_dim,
-                                         window=self.window, rope_base=self.rope_base,
-                                         name="attention")
+                                         window=self.window, num_prefix_tokens=prefix,
+                                         rope_base=self.rope_base, name="attention")
     self.memory = self._memory()
     if self.num_persistent_tokens > 0:
       self.persistent = PersistentTokens(self.num_persistent_tokens, name="persistent")
@@ -398,15 +402,17 @@ class TitansMAG(_SlidingWindowTitans):
   """Titans with memory as a gate (§4.2); see the module docstring.
 
       x~ = [p_1 ... p_Np] || x                                   (eq 26)
-      y = SW-Attn(x~)                                            (eq 27)
+      y = SW-Attn*(x~)                                           (eq 27)
       o = y ⊗ M(x~)                                              (eq 28)
 
-  M(x~) is the memory layer's output per token (the memory after writing that token).
-  The paper's SW-Attn* keeps the persistent prefix visible to every token; here the
-  prefix is attended like any other token, within the window.
+  SW-Attn* is sliding-window attention with a prefix: every token of x~ sees the
+  `window - 1` tokens before it and, however far back they are, the persistent tokens
+  (`CausalSelfAttention` with `num_prefix_tokens = num_persistent_tokens`). M(x~) is the
+  memory layer's output per token (the memory after writing that token).
 
   Attributes: window and the shared ones, see `_SlidingWindowTitans`.
   """
+  persistent_always_visible: ClassVar[bool] = True
 
   def setup(self):
     super().setup()
@@ -424,6 +430,9 @@ class TitansMAL(_SlidingWindowTitans):
       x~ = [p_1 ... p_Np] || x                                   (eq 29)
       y = M(x~)                                                  (eq 30)
       o = SW-Attn(y)                                             (eq 31)
+
+  SW-Attn is plain sliding-window attention (the paper's MAL has no prefix): once
+  x~ is longer than the window, the persistent positions drop out of it.
 
   Attributes: window and the shared ones, see `_SlidingWindowTitans`.
   """

@@ -1,6 +1,6 @@
 """Titans MAC, MAG and MAL: causal, decoding equals the whole sequence, information past the
-attention's span flows only through the memory, gradients reach every parameter, and bad
-input gets a clear error."""
+attention's span flows only through the memory (and, in MAG, from the persistent tokens),
+gradients reach every parameter, and bad input gets a clear error."""
 
 import functools
 
@@ -96,6 +96,29 @@ def test_only_the_memory_reaches_past_the_attention_span(name, key):
   assert_close(apply(frozen, x_bumped)[0][:, far], apply(frozen, x)[0][:, far], 1e-6,
                "far outputs of a memory that does not learn")
   assert relative_error(apply(params, x_bumped)[0][:, far], apply(params, x)[0][:, far]) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["mag", "mal"])
+def test_persistent_tokens_reach_past_the_window_only_in_mag(name, key):
+  """MAG's SW-Attn* keeps the persistent tokens visible to every token; MAL's SW-Attn lets
+  them leave the window. With a memory that does not learn, the attention is the only path
+  from them to the last output, far outside the window of 3."""
+  layer, _, _, params, x = _setup(name, key)
+  frozen = _without_learning(params)
+  cotangent = jax.random.normal(jax.random.fold_in(key, 2), (_B, _D))
+
+  def first_and_last(tokens):
+    p = {"params": {**frozen["params"], "persistent": {"tokens": tokens}}}
+    y = layer.apply(p, x)[0]
+    return jnp.vdot(cotangent, y[:, 0]), jnp.vdot(cotangent, y[:, -1])
+
+  tokens = frozen["params"]["persistent"]["tokens"]
+  near, far = (np.linalg.norm(g) for g in jax.jit(jax.jacrev(first_and_last))(tokens))
+  assert near > 0
+  if name == "mag":
+    assert far > 1e-3 * near, (far, near)
+  else:
+    assert far == 0, far
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
