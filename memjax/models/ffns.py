@@ -13,6 +13,7 @@ import flax.linen as nn
 from memjax.nn import ProductKeyMemory
 from memjax.nn import ProductKeyValues
 from memjax.nn import SwiGLU
+from memjax.models.specs import split_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,7 @@ def parse_ffns(spec: str, num_layers: int) -> Tuple[str, ...]:
     ValueError: for an empty or unknown name (the message lists the valid names), or a
       list whose length is neither 1 nor num_layers.
   """
-  names = tuple(name.strip() for name in spec.split(","))
-  if not spec.strip() or any(not n for n in names):
-    raise ValueError(f"ffns must be comma-separated names from {sorted(FFNS)}, got {spec!r}")
-  unknown = [n for n in names if n not in FFNS]
-  if unknown:
-    raise ValueError(f"unknown ffn(s) {unknown} in {spec!r}; valid names: {sorted(FFNS)}")
+  names = split_names(spec, FFNS, "ffns", "ffn")
   if len(names) == 1:
     return names * num_layers
   if len(names) != num_layers:

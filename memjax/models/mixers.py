@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from memjax import nn as mnn
 from memjax.models.hopfield_mixer import CausalHopfield
+from memjax.models.specs import split_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +118,4 @@ def parse_mixers(spec: str) -> Tuple[str, ...]:
   Raises:
     ValueError: for an empty spec or an unknown name (the message lists the valid names).
   """
-  names = tuple(name.strip() for name in spec.split(","))
-  if not spec.strip() or any(not n for n in names):
-    raise ValueError(f"mixers must be comma-separated names from {sorted(MIXERS)}, got {spec!r}")
-  unknown = [n for n in names if n not in MIXERS]
-  if unknown:
-    raise ValueError(f"unknown mixer(s) {unknown} in {spec!r}; valid names: {sorted(MIXERS)}")
-  return names
+  return split_names(spec, MIXERS, "mixers", "mixer")
