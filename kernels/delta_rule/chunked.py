@@ -45,7 +45,8 @@ def _padded(chunk, q, k, v, beta, g):
 
 def _forward(chip, blocks, interpret, scale, save_residuals, q, k, v, beta, g, state0):
   """Runs the forward passes; returns `((o [B, T, H, V], final), residuals)`, the residuals
-  a dict of what the backward reads when `save_residuals` (else None)."""
+  a dict of what the backward reads when `save_residuals` (else None): the padded inputs
+  and gamma, and what the passes saved."""
   length = q.shape[1]
   q, k, v, beta, gamma = _padded(blocks.chunk, q, k, v, beta, g)
   w, u, a = None, v, None
@@ -58,7 +59,8 @@ def _forward(chip, blocks, interpret, scale, save_residuals, q, k, v, beta, g, s
                                 interpret=interpret, save_residuals=save_residuals)
   residuals = None
   if save_residuals:
-    residuals = dict(w=w, a=a, starts=saved[0], v_new=saved[1] if beta is not None else v)
+    residuals = dict(q=q, k=k, v=v, beta=beta, gamma=gamma, w=w, a=a, starts=saved[0],
+                     v_new=saved[1] if beta is not None else v)
   return (o[:, :length], final), residuals
 
 
@@ -69,30 +71,30 @@ def _differentiable(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
 
 def _fwd(chip, blocks, interpret, scale, q, k, v, beta, g, state0):
   out, saved = _forward(chip, blocks, interpret, scale, True, q, k, v, beta, g, state0)
-  return out, (q, k, v, beta, g, saved)
+  # g only says whether dg is None and its dtype; the rest is in `saved`, already padded.
+  return out, (saved, g)
 
 
 def _bwd(chip, blocks, interpret, scale, residuals, cotangents):
-  q, k, v, beta, g, saved = residuals
+  saved, g = residuals
+  qp, kp, vp, betap, gamma, w = (saved[n] for n in ("q", "k", "v", "beta", "gamma", "w"))
   do, dfinal = cotangents
-  length = q.shape[1]
-  qp, kp, vp, betap, gamma = _padded(blocks.chunk, q, k, v, beta, g)
-  w = saved["w"]
-  do = common.pad_time(do.astype(q.dtype), qp.shape[1])
+  length = do.shape[1]
+  do = common.pad_time(do.astype(qp.dtype), qp.shape[1])
   dends, dvn, dstate0 = chip.state_grad(
       qp, kp, w, do, gamma, dfinal, chunk=blocks.chunk,
-      value_block=min(chip.STATE_GRAD_VALUE_BLOCK, v.shape[-1]), scale=scale,
+      value_block=min(chip.STATE_GRAD_VALUE_BLOCK, vp.shape[-1]), scale=scale,
       interpret=interpret)
   block = lambda *dims: min((chip.BACKWARD_BLOCK,) + dims)
   dq, dk, dw, dgamma = chip.qk_grads(
       qp, kp, w, do, saved["v_new"], dvn, gamma, saved["starts"], dends, chunk=blocks.chunk,
-      key_block=block(k.shape[-1]), value_block=block(v.shape[-1]), scale=scale,
+      key_block=block(kp.shape[-1]), value_block=block(vp.shape[-1]), scale=scale,
       interpret=interpret)
   dgamma = jnp.sum(dgamma, axis=0)
-  if beta is not None:
+  if betap is not None:
     dk, dv, dbeta, dgamma_wy = chip.wy_grads(
         kp, vp, saved["a"], betap, gamma, dw, dvn, dk, chunk=blocks.chunk,
-        block=block(k.shape[-1], v.shape[-1]), interpret=interpret)
+        block=block(kp.shape[-1], vp.shape[-1]), interpret=interpret)
     dgamma = dgamma + dgamma_wy
   else:
     dv, dbeta = dvn, None
@@ -101,7 +103,7 @@ def _bwd(chip, blocks, interpret, scale, residuals, cotangents):
   dgamma = dgamma.reshape(b, t // blocks.chunk, blocks.chunk, h)
   dg = jnp.flip(jnp.cumsum(jnp.flip(dgamma, 2), axis=2), 2).reshape(b, t, h)
   cut = lambda x, like: None if like is None else x[:, :length].astype(like.dtype)
-  return (cut(dq, q), cut(dk, k), cut(dv, v), cut(dbeta, beta), cut(dg, g), dstate0)
+  return (cut(dq, qp), cut(dk, kp), cut(dv, vp), cut(dbeta, betap), cut(dg, g), dstate0)
 
 
 _differentiable.defvjp(_fwd, _bwd)
