@@ -2,14 +2,15 @@ r"""Times memjax's neural memory op (Titans LMM) against titans-pytorch's Neural
 
   python experiments/bench_titans.py                     # GPU: the DESIGN.md §4 shapes
   python experiments/bench_titans.py --shapes=4-4096-512-8-64 --memories=mlp --dtypes=float32
-  python experiments/bench_titans.py --small             # CPU smoke run, seconds
+  python experiments/bench_titans.py --small             # CPU smoke run, under a minute
 
 Shapes are `B-T-D-H-C`: batch, tokens, model width, heads (head dim K = D / H) and chunk.
 Memories: `linear` (one matrix K x K per head) and `mlp` (the residual 2-layer MLP,
 K -> memory_expansion * K -> K, GELU, LayerNorm). For each shape, memory, input dtype and
-memjax implementation (`xla`, the chunkwise dual form; `reference`, token by token, only
-up to --reference_max_tokens = B*T), the forward and the forward+backward (cotangent: the
-output; gradients to every input and the initial weights) are timed.
+memjax implementation (`pallas`, the chunk loop as one kernel, linear memory only; `xla`,
+the chunkwise dual form; `reference`, token by token, only up to --reference_max_tokens =
+B*T), the forward and the forward+backward (cotangent: the output; gradients to every
+input and the initial weights) are timed.
 
 What each row computes:
 * memjax rows time `memjax.ops.neural_memory` alone: q, k (unit norm), v, and per-token
@@ -24,7 +25,8 @@ What each row computes:
   `MemoryMLP(K, depth=1)` without its residual norm; the MLP by its default
   `MemoryMLP(K, depth=2, expansion_factor)` with the residual LayerNorm.
   `vs titans-pytorch` is memjax's time over titans-pytorch's for the same shape, memory,
-  pass and dtype (float32 only).
+  pass and dtype (float32 only); `vs memjax xla` is the time over memjax xla's for the
+  same shape, memory, dtype and pass.
 
 Memory columns: `XLA peak GB` is what XLA's buffer assignment says one call of the
 compiled function needs (arguments, outputs and temporaries); `device peak GB` is the
@@ -46,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax import ops
+from memjax.kernels.titans import common as titans_kernels
 from memjax.ops import titans as titans_ops
 
 import benchmarking  # experiments/benchmarking.py, beside this script
@@ -53,7 +56,7 @@ import benchmarking  # experiments/benchmarking.py, beside this script
 _SHAPES = flags.DEFINE_list("shapes", ["4-4096-512-8-64", "8-4096-1024-16-64"],
                             "B-T-D-H-C shapes (head dim K = D / H)")
 _MEMORIES = flags.DEFINE_list("memories", ["linear", "mlp"], "memory models to time")
-_IMPLS = flags.DEFINE_list("implementations", ["xla", "reference"],
+_IMPLS = flags.DEFINE_list("implementations", ["pallas", "xla", "reference"],
                            "memjax implementations of memjax.ops.neural_memory")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "input dtypes")
 _EXPANSION = flags.DEFINE_float("memory_expansion", 4.0, "hidden width of the MLP over K")
@@ -67,12 +70,12 @@ _ANCHOR = flags.DEFINE_bool("anchor", True,
                             "also time titans-pytorch's NeuralMemory when it is importable "
                             "and CUDA is available")
 _SMALL = flags.DEFINE_bool("small", False,
-                           "CPU smoke run: shape 2-64-32-2-16, 2 repeats of 1 call (overrides "
+                           "CPU smoke run: shape 2-64-128-2-16, 2 repeats of 1 call (overrides "
                            "--shapes, --repeats and --calls_per_sample)")
 
 _HEADER = ("| memory | B-T-D-H-C | dtype | implementation | pass | median ms | M tokens/s | "
-           "XLA peak GB | device peak GB | vs titans-pytorch |\n"
-           "|---|---|---|---|---|---|---|---|---|---|")
+           "XLA peak GB | device peak GB | vs titans-pytorch | vs memjax xla |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|")
 _PASSES = ("forward", "forward+backward")
 _LEGEND = """\
 memjax rows: memjax.ops.neural_memory alone (q, k, v and per-token theta, eta, alpha given);
@@ -81,7 +84,8 @@ titans-pytorch rows: its whole NeuralMemory module (projections and gates includ
   one gradient step per chunk, chunk-level momentum and decay, reads the last chunk's weights.
 XLA peak GB: one call's buffers per XLA; device peak GB: process-wide high-water mark
   (titans-pytorch: torch.cuda.max_memory_allocated, reset per row).
-vs titans-pytorch: memjax ms / titans-pytorch ms, same shape, memory, pass (float32)."""
+vs titans-pytorch: memjax ms / titans-pytorch ms, same shape, memory, pass (float32).
+vs memjax xla: ms / memjax xla ms, same shape, memory, dtype, pass."""
 
 
 def _parse(text):
@@ -153,18 +157,19 @@ def _device_peak():
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def _row(memory, shape, dtype, name, passes, ms, xla_peak, device_peak, anchor_ms):
+def _row(memory, shape, dtype, name, passes, ms, xla_peak, device_peak, anchor_ms,
+         xla_ms=None):
   tokens = shape[0] * shape[1]
-  ratio = "" if anchor_ms is None else f"{ms / anchor_ms:.2f}"
+  ratio = lambda to: "" if to is None else f"{ms / to:.2f}"
   return (f"| {memory} | {'-'.join(map(str, shape))} | {dtype} | {name} | {passes} | "
           f"{ms:.3f} | {tokens / ms / 1e3:.2f} | {_gb(xla_peak)} | {_gb(device_peak)} | "
-          f"{ratio} |")
+          f"{ratio(anchor_ms)} | {ratio(xla_ms)} |")
 
 
 def _failed(memory, shape, dtype, name, passes, error):
   message = " ".join(f"{type(error).__name__}: {error}".split())[:160]
   return (f"| {memory} | {'-'.join(map(str, shape))} | {dtype} | {name} | {passes} | "
-          f"failed: {message} | | | | |")
+          f"failed: {message} | | | | | |")
 
 
 class _TitansPytorch:
@@ -250,11 +255,21 @@ def _anchor_rows(anchor, shape, memory, rows):
   return times
 
 
+def _kernel_unsupported(args, memory, chunk):
+  q, v = args[0], args[2]
+  return titans_kernels.unsupported(q, v, 1 if memory == "linear" else 2, "l2", "l2", chunk)
+
+
 def _memjax_rows(shape, memory, dtype, anchor_ms, rows):
   sets = [_inputs(jax.random.key(i + 1), shape, memory, jnp.dtype(dtype)) for i in range(3)]
-  forward = {}
-  for impl in _IMPLS.value:
+  forward, xla_ms = {}, {}
+  # xla first: the other implementations' rows give their time over its time.
+  for impl in sorted(_IMPLS.value, key=lambda name: name != "xla"):
     if impl == "reference" and shape[0] * shape[1] > _REFERENCE_MAX_TOKENS.value:
+      continue
+    if impl == "pallas" and _kernel_unsupported(sets[0], memory, shape[4]):
+      print(f"memjax pallas skipped for {memory} {'-'.join(map(str, shape))}: the kernel "
+            f"{_kernel_unsupported(sets[0], memory, shape[4])}", flush=True)
       continue
     fn = _memjax_fn(impl, shape[4])
     for passes, timed in zip(_PASSES, (fn, _with_backward(fn))):
@@ -266,23 +281,27 @@ def _memjax_rows(shape, memory, dtype, anchor_ms, rows):
         ms = benchmarking.median_ms(compiled, sets, repeats=_REPEATS.value,
                                     calls_per_sample=_CALLS.value)
         ratio_to = anchor_ms.get(passes) if dtype == "float32" else None
+        if impl == "xla":
+          xla_ms[passes] = ms
         row = _row(memory, shape, dtype, name, passes, ms, _xla_peak(compiled),
-                   _device_peak(), ratio_to)
+                   _device_peak(), ratio_to, None if impl == "xla" else xla_ms.get(passes))
       except Exception as e:  # pylint: disable=broad-except
         row = _failed(memory, shape, dtype, name, passes, e)
         traceback.print_exc()
       _emit(rows, row)
-  if len(forward) == 2:
-    a, b = (jnp.asarray(forward[i], jnp.float32) for i in ("xla", "reference"))
-    diff = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-    print(f"{memory} {'-'.join(map(str, shape))} {dtype}: xla vs reference forward, "
-          f"relative difference {diff:.2e}", flush=True)
+  if "xla" in forward:
+    b = jnp.asarray(forward["xla"], jnp.float32)
+    for impl in sorted(set(forward) - {"xla"}):
+      a = jnp.asarray(forward[impl], jnp.float32)
+      diff = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+      print(f"{memory} {'-'.join(map(str, shape))} {dtype}: {impl} vs xla forward, "
+            f"relative difference {diff:.2e}", flush=True)
 
 
 def main(argv):
   del argv
   if _SMALL.value:
-    shapes = ["2-64-32-2-16"]
+    shapes = ["2-64-128-2-16"]
     flags.FLAGS.repeats, flags.FLAGS.calls_per_sample = 2, 1
   else:
     shapes = _SHAPES.value

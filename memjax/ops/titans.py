@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from memjax.kernels.titans import chunked as titans_kernels
+from memjax.kernels.titans import common as kernel_common
 from memjax.ops import dispatch
 from memjax.ops import miras
 from memjax.ops import titans_chunked
@@ -229,7 +231,28 @@ def _xla(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, activ
   return y, NeuralMemoryState(*final)
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "xla": _xla}
+def _pallas(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, activation,
+            fresh):
+  del rule, activation  # `kernel_common.unsupported` admitted only what the kernel runs.
+  t = q.shape[1]
+  chunks = titans_chunked.to_chunks(q, k, v, theta, eta, alpha, huber_delta, state,
+                                    chunk_size, fresh)
+  # [B, H, N, C, ...] -> [B, H, N * C, ...]: the kernels' heads-first layout.
+  flat = lambda x: x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+  coefficients = {"cw": chunks.coef_w, "d": chunks.d, "b": chunks.b, "cs": chunks.coef_s_end,
+                  "e": chunks.e, "mask": chunks.mask}
+  y, weights, momentum, last_anchor = titans_kernels.on_default_backend(
+      flat(chunks.q), flat(chunks.k), flat(chunks.v),
+      {name: flat(x) for name, x in coefficients.items()}, state.weights[0],
+      state.momentum[0], state.anchor[0], chunk_size=chunk_size)
+  y = titans_chunked.from_chunks(y.reshape(chunks.v.shape), chunks, t)
+  position = titans_chunked.next_position(chunks, t, chunk_size)
+  # A sequence that ends inside a chunk keeps that chunk's anchor for the tokens to come.
+  anchor = jnp.where(position == 0, weights, last_anchor)
+  return y, NeuralMemoryState((weights,), (momentum,), (anchor,), None, position)
+
+
+_IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "pallas": _pallas}
 
 
 def neural_memory(
@@ -267,7 +290,10 @@ def neural_memory(
     return_final_state: also return the state after the last token.
     chunk_size: tokens whose gradients share the weights of their chunk's start (any
       positive int; T need not be a multiple of it). 1 is exact online gradient descent.
-    implementation: "reference" (token by token), "xla" (chunkwise dual form) or None.
+    implementation: "reference" (token by token), "xla" (chunkwise dual form), "pallas"
+      (the chunk loop as one kernel: the linear memory with the "titans" rule, head dims
+      64 or 128, chunk 16/32/64) or None (the kernel on GPU/TPU where it applies, else
+      "xla").
     check_finite: raise a ValueError if an input holds NaN or inf (outside jit only).
 
   Returns:
@@ -277,7 +303,10 @@ def neural_memory(
   fresh = initial_state is None
   rule, state = _prepare(q, k, v, theta, eta, alpha, huber_delta, rule, activation,
                          initial_state, chunk_size, check_finite)
-  impl = dispatch.choose("neural_memory", implementation, _IMPLEMENTATIONS)
+  impl = dispatch.choose(
+      "neural_memory", implementation, _IMPLEMENTATIONS,
+      kernel_common.unsupported(q, v, len(state.weights), rule.loss, rule.retention,
+                                chunk_size))
   y, final = impl(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule,
                   activation, fresh)
   y = y.astype(v.dtype)

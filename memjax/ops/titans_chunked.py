@@ -24,7 +24,7 @@ the per-token weights are never built. The chunk-end (W, S) are the same sums at
 Only the carry from chunk to chunk is sequential; the retrieval runs batched afterwards.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,76 @@ def _coefficients(eta, decay, mask):
   return pe[..., :c], qbd[..., :c], pe[..., c], qbd[..., c], qbd[..., c + 1]
 
 
+class Chunks(NamedTuple):
+  """A sequence placed in chunks, with the dual-form coefficients of every chunk.
+
+  Attributes:
+    q, k: [B, H, N, C, K] and v [B, H, N, C, V], in the inputs' dtype (zeros where no
+      token is).
+    huber_delta: [B, H, N, C] float32 (ones where unused).
+    mask: [B, H, N, C] float32, 1 for real tokens.
+    coef_w: [B, H, N, C, C] float32, `-theta_s Q_ts`: the weight of token s's gradient in
+      W_t (row t, column s); its last row is the weight in the chunk-end W.
+    coef_s_end: [B, H, N, C] float32, `-theta_s P_Cs`: the weight in the chunk-end S.
+    e, b, d: [B, H, N, C] float32, `E_t`, `B_t`, `D_t` of the module docstring.
+    complete: [B, H, N] bool, the chunk's last token is real (the chunk ends in the
+      sequence).
+    offset: tokens of the first chunk already seen before this call (a traced int32), or
+      None when the state is known to sit at a chunk start.
+    length: the placed length N * C.
+  """
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  huber_delta: jax.Array
+  mask: jax.Array
+  coef_w: jax.Array
+  coef_s_end: jax.Array
+  e: jax.Array
+  b: jax.Array
+  d: jax.Array
+  complete: jax.Array
+  offset: Optional[jax.Array]
+  length: int
+
+
+def to_chunks(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, fresh) -> Chunks:
+  """Places the sequence in chunks (after the state's partly seen chunk, if any) and
+  computes every chunk's coefficients. Arguments as in `chunked`."""
+  b, t, h, _ = q.shape
+  c = chunk_size
+  f32 = jnp.float32
+  offset = None if fresh else state.position
+  length = c * -(-(t if fresh else t + c - 1) // c)
+  align = lambda x, fill: chunking.to_chunks(_align(x, offset, length, fill), c)
+  gate = lambda x, default, fill: align(
+      jnp.full((b, t, h), default, f32) if x is None else x.astype(f32), fill)
+  mask = gate(None, 1.0, 0.0)
+  theta_c = gate(theta, 0.0, 0.0)
+  decay = align(1.0 - (jnp.zeros((b, t, h)) if alpha is None else alpha.astype(f32)), 1.0)
+  p, qq, e, bb, d = _coefficients(gate(eta, 0.0, 1.0), decay, mask)
+  return Chunks(
+      q=align(q, 0.0), k=align(k, 0.0), v=align(v, 0.0),
+      huber_delta=gate(huber_delta, 1.0, 1.0), mask=mask,
+      coef_w=-theta_c[..., None, :] * qq, coef_s_end=-theta_c * p[..., -1, :],
+      e=e, b=bb, d=d, complete=mask[..., -1] > 0, offset=offset, length=length)
+
+
+def from_chunks(y: jax.Array, chunks: Chunks, t: int) -> jax.Array:
+  """The outputs [B, H, N, C, V] of the placed sequence back as [B, T, H, V]."""
+  y = chunking.from_chunks(y, chunks.length)
+  if chunks.offset is not None:
+    y = lax.dynamic_slice_in_dim(y, chunks.offset, t, axis=1)
+  return y
+
+
+def next_position(chunks: Chunks, t: int, chunk_size: int) -> jax.Array:
+  """int32 []: tokens seen of the current chunk after this call's t tokens."""
+  if chunks.offset is None:
+    return jnp.asarray(t % chunk_size, jnp.int32)
+  return (chunks.offset + t) % chunk_size
+
+
 def chunked(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, activation,
             fresh):
   """The neural memory over a sequence in the dual form.
@@ -90,25 +160,13 @@ def chunked(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, ac
   Returns:
     `(y [B, T, H, V] float32, (weights, momentum, anchor, accumulator, position))`.
   """
-  b, t, h, _ = q.shape
-  c = chunk_size
-  f32 = jnp.float32
+  t = q.shape[1]
   precision = chunking.matmul_precision(v.dtype)
-  offset = None if fresh else state.position
-  length = c * -(-(t if fresh else t + c - 1) // c)
-  align = lambda x, fill: chunking.to_chunks(_align(x.astype(f32), offset, length, fill), c)
-  qc, kc, vc = align(q, 0.0), align(k, 0.0), align(v, 0.0)
-  mask = align(jnp.ones((b, t, h)), 0.0)
-  theta_c = align(theta, 0.0)
-  eta_c = align(jnp.zeros((b, t, h)) if eta is None else eta, 1.0)
-  decay = align(1.0 - (jnp.zeros((b, t, h)) if alpha is None else alpha), 1.0)
-  delta_c = align(jnp.ones((b, t, h)) if huber_delta is None else huber_delta, 1.0)
-
-  p, qq, e, bb, d = _coefficients(eta_c, decay, mask)
-  # The weight of token s's gradient in W_t and, at the chunk end, in S.
-  coef_w = -theta_c[..., None, :] * qq
-  coef_s_end = -theta_c * p[..., -1, :]
-  complete = mask[..., -1] > 0  # The chunk's last token is real: the chunk ends here.
+  chunks = to_chunks(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, fresh)
+  f32 = jnp.float32
+  qc, kc, vc = (x.astype(f32) for x in (chunks.q, chunks.k, chunks.v))
+  coef_w, d, bb = chunks.coef_w, chunks.d, chunks.b
+  complete = chunks.complete
 
   def step(carry, xs):
     weights, momentum, anchor, acc = carry
@@ -133,8 +191,8 @@ def chunked(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, ac
              None if acc is None else tuple(new_acc))
     return carry, (weights, momentum, inputs, deltas)
 
-  xs = (kc, vc, delta_c, coef_w[..., -1, :], coef_s_end, e[..., -1], bb[..., -1],
-        d[..., -1], complete)
+  xs = (kc, vc, chunks.huber_delta, coef_w[..., -1, :], chunks.coef_s_end,
+        chunks.e[..., -1], bb[..., -1], d[..., -1], complete)
   carry = (state.weights, state.momentum, state.anchor, state.accumulator)
   # Rematerialised: the backward keeps only each chunk's starting carry and redoes the
   # chunk's memory forward and vjp, instead of storing their per-chunk intermediates
@@ -159,8 +217,5 @@ def chunked(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, ac
     y_last, _ = titans_memory.forward(next_start, qc[..., -1:, :], activation, precision)
     y = y.at[..., -1, :].set(jnp.where(complete[..., None], y_last[..., 0, :], y[..., -1, :]))
 
-  y = chunking.from_chunks(y, length)
-  if offset is not None:
-    y = lax.dynamic_slice_in_dim(y, offset, t, axis=1)
-  position = jnp.asarray(t % c, jnp.int32) if fresh else (offset + t) % c
-  return y, (weights, momentum, anchor, acc, position)
+  y = from_chunks(y, chunks, t)
+  return y, (weights, momentum, anchor, acc, next_position(chunks, t, chunk_size))
