@@ -19,13 +19,24 @@ which the chunk's gradients are taken: W0, except for a first chunk entered part
     S1  = e_C S0 + K^T diag(cs) err
 
 Every product is column-separable in V, so a program owns a block of V's columns and
-carries W, S (and A) [K, Vb] on chip from chunk to chunk. The backward walks the chunks in
-reverse with the cotangents of W and S on chip and the saved chunk-start W0, S0.
+carries W, S [K, Vb] on chip from chunk to chunk.
+
+The backward has two passes over the saved chunk-start W0, S0 (and A, which is W0 but for
+a first chunk entered part way):
+
+1. `state_grad_chunk` (sequential over the chunks in reverse, parallel over value blocks):
+   with the cotangents dW1, dS1 on chip, the cotangent of err,
+   `derr = (Q K^T * cw)^T dY + diag(cw_C) K dW1 + diag(cs) K dS1` (so dV = -2 derr), and
+   `dA = 2 K^T derr`, `dW0 = Q^T diag(d) dY + d_C dW1 (+ dA)`,
+   `dS0 = Q^T diag(b) dY + b_C dW1 + e_C dS1`; it saves each chunk's dW1, dS1 and derr.
+2. `input_grads_chunk` (parallel over chunks): dq, dk and the coefficients' cotangents,
+   which sum over V.
 """
 
 import dataclasses
 
 import jax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 from jax import lax
 
@@ -107,8 +118,8 @@ def forward_chunk(x, weights, momentum, anchor, precise):
   return y, new_weights, new_momentum
 
 
-def backward_chunk(x, weights, momentum, anchor, dy, dweights, dmomentum, precise):
-  """The cotangents of one chunk's inputs, from those of its outputs and end state.
+def state_grad_chunk(x, weights, momentum, anchor, dy, dweights, dmomentum, precise):
+  """Backward pass 1 for one chunk: the sequential part, what the previous chunk needs.
 
   Args:
     x: the chunk's values as in `forward_chunk`.
@@ -118,41 +129,73 @@ def backward_chunk(x, weights, momentum, anchor, dy, dweights, dmomentum, precis
     precise: float32 matmuls (float32 inputs).
 
   Returns:
-    A dict of float32 cotangents: exact for this value block — dv [C, Vb], dweights,
-    dmomentum, danchor [K, Vb] (of W0, S0 and A); partial sums over the value blocks —
-    dq, dk [C, K], dcw [C, C], dd, db, dcs, de [C] (de only at the last token, the only
-    E_t the chunk uses; the parts of d_last, b_last and cw_last are added to the last
-    entries of dd, db and the last row of dcw).
+    `(derr [C, Vb], danchor, dweights0, dmomentum0 [K, Vb])` float32: the cotangent of the
+    error signal, of A, and of W0 and S0 through every path but A.
+  """
+  q, k = x["q"], x["k"]
+  dy = dy.astype(jnp.float32)
+  scores = mm_nt(q, k, precise) * x["cw"]
+  # err reaches Y through the scores, W1 through cw_last and S1 through cs.
+  derr = (mm_tn(scores, dy, precise) + x["cw_last"][:, None] * mm(k, dweights, precise)
+          + x["cs"][:, None] * mm(k, dmomentum, precise))
+  danchor = mm_tn(k, 2.0 * derr, precise)
+  dweights0 = mm_tn(q, x["d"][:, None] * dy, precise) + x["d_last"] * dweights
+  dmomentum0 = (mm_tn(q, x["b"][:, None] * dy, precise) + x["b_last"] * dweights
+                + x["e_last"] * dmomentum)
+  return derr, danchor, dweights0, dmomentum0
+
+
+def input_grads_chunk(load, x, value_dim, value_block, precise):
+  """Backward pass 2 for one chunk (parallel over chunks): everything that sums over V,
+  one value block at a time.
+
+  Args:
+    load: `load(name, cols)` -> the column block `cols` (a `pl.ds`) of the chunk's v, dy,
+      derr [C, Vb] and of its weights, momentum, anchor (W0, S0, A) and dweights,
+      dmomentum (the cotangents of W1, S1) [K, Vb].
+    x: the chunk's q, k [C, K]; cw [C, C]; cw_last, d, b, cs [C] (see `forward_chunk`).
+    value_dim: V; value_block: Vb, dividing V.
+    precise: float32 matmuls (float32 inputs).
+
+  Returns:
+    A dict of float32 cotangents: dq, dk [C, K], dcw [C, C], dd, db, dcs, de [C] (de only
+    at the last token, the one E_t the chunk uses; the parts of d_last, b_last and cw_last
+    are in the last entries of dd, db and the last row of dcw).
   """
   q, k, cw = x["q"], x["k"], x["cw"]
-  chunk = q.shape[0]
-  dy = dy.astype(jnp.float32)
-  err = _error(k, x["v"], anchor, precise)
+  chunk, key_dim = q.shape
+  f32 = jnp.float32
+  dq = jnp.zeros((chunk, key_dim), f32)
+  dk = jnp.zeros((chunk, key_dim), f32)
+  dscores = jnp.zeros((chunk, chunk), f32)
+  to_last_row, dd, db, dcs = (jnp.zeros((chunk,), f32) for _ in range(4))
+  to_last = {name: jnp.zeros((), f32) for name in ("d", "b", "e")}
+  for j in range(value_dim // value_block):
+    cols = pl.ds(j * value_block, value_block)
+    weights, momentum = load("weights", cols), load("momentum", cols)
+    anchor = load("anchor", cols)
+    dweights, dmomentum = load("dweights", cols), load("dmomentum", cols)
+    dy, derr = load("dy", cols).astype(f32), load("derr", cols)
+    err = _error(k, load("v", cols), anchor, precise)
+    k_dweights, k_dmomentum = mm(k, dweights, precise), mm(k, dmomentum, precise)
+    dscores = dscores + mm_nt(dy, err, precise)
+    to_last_row = to_last_row + jnp.sum(err * k_dweights, axis=1)
+    dcs = dcs + jnp.sum(err * k_dmomentum, axis=1)
+    dd = dd + jnp.sum(dy * mm(q, weights, precise), axis=1)
+    db = db + jnp.sum(dy * mm(q, momentum, precise), axis=1)
+    to_last["d"] = to_last["d"] + jnp.sum(weights * dweights)
+    to_last["b"] = to_last["b"] + jnp.sum(momentum * dweights)
+    to_last["e"] = to_last["e"] + jnp.sum(momentum * dmomentum)
+    dq = (dq + mm_nt(x["d"][:, None] * dy, weights, precise)
+          + mm_nt(x["b"][:, None] * dy, momentum, precise))
+    dk = (dk + mm_nt(x["cw_last"][:, None] * err, dweights, precise)
+          + mm_nt(x["cs"][:, None] * err, dmomentum, precise)
+          + mm_nt(2.0 * derr, anchor, precise))
   qk = mm_nt(q, k, precise)
-  k_dweights = mm(k, dweights, precise)
-  k_dmomentum = mm(k, dmomentum, precise)
-  # err reaches Y through the scores, W1 through cw_last and S1 through cs.
-  derr = (mm_tn(qk * cw, dy, precise) + x["cw_last"][:, None] * k_dweights
-          + x["cs"][:, None] * k_dmomentum)
-  dscores = mm_nt(dy, err, precise)
   rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-  to_last_row = jnp.sum(err * k_dweights, axis=1)
-  dcw = dscores * qk + jnp.where(rows == chunk - 1, to_last_row[None, :], 0.0)
   dqk = dscores * cw
-  dy_d = x["d"][:, None] * dy
-  dy_b = x["b"][:, None] * dy
-  dd = jnp.sum(dy * mm(q, weights, precise), axis=1) + _last(chunk, jnp.sum(weights * dweights))
-  db = (jnp.sum(dy * mm(q, momentum, precise), axis=1)
-        + _last(chunk, jnp.sum(momentum * dweights)))
-  dcs = jnp.sum(err * k_dmomentum, axis=1)
-  de = _last(chunk, jnp.sum(momentum * dmomentum))
-  dpred = 2.0 * derr
-  dq = mm_nt(dy_d, weights, precise) + mm_nt(dy_b, momentum, precise) + mm(dqk, k, precise)
-  dk = (mm_tn(dqk, q, precise) + mm_nt(x["cw_last"][:, None] * err, dweights, precise)
-        + mm_nt(x["cs"][:, None] * err, dmomentum, precise) + mm_nt(dpred, anchor, precise))
   return dict(
-      dv=-dpred, dq=dq, dk=dk, dcw=dcw, dd=dd, db=db, dcs=dcs, de=de,
-      danchor=mm_tn(k, dpred, precise),
-      dweights=mm_tn(q, dy_d, precise) + x["d_last"] * dweights,
-      dmomentum=(mm_tn(q, dy_b, precise) + x["b_last"] * dweights
-                 + x["e_last"] * dmomentum))
+      dq=dq + mm(dqk, k, precise), dk=dk + mm_tn(dqk, q, precise),
+      dcw=dscores * qk + jnp.where(rows == chunk - 1, to_last_row[None, :], 0.0),
+      dd=dd + _last(chunk, to_last["d"]), db=db + _last(chunk, to_last["b"]), dcs=dcs,
+      de=_last(chunk, to_last["e"]))

@@ -1,9 +1,10 @@
 """The neural-memory chunk loop on NVIDIA GPUs: Pallas via Triton.
 
 One program per (value block, batch, head) walks the chunks in order with the memory's
-W and S [K, Vb] in registers (`forward`), or in reverse with their cotangents
-(`backward`). Arrays are heads first, [B, H, T, D], so that one head's rows are
-contiguous; the per-chunk math is in `common`.
+W and S [K, Vb] in registers (`forward`), or in reverse with their cotangents (the first
+pass of `backward`, whose second pass runs one program per (batch, head, chunk)). Arrays
+are heads first, [B, H, T, D], so that one head's rows are contiguous; the per-chunk math
+is in `common`.
 """
 
 import functools
@@ -14,10 +15,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from memjax.kernels import compat
+from memjax.kernels.delta_rule import common as dcommon
 from memjax.kernels.titans import common
 
 _WARPS = 4
 _STAGES = 1
+# Value columns per step of the per-chunk backward pass's loop over V.
+_INPUT_GRADS_VALUE_BLOCK = 64
 # The gate-derived inputs of a chunk, by name, in the order the kernels take them.
 COEFFICIENTS = ("cw", "d", "b", "cs", "e", "mask")
 
@@ -89,10 +93,6 @@ def _specs(t, dk, chunk, value_block):
       states=pl.BlockSpec((None, None, dk, value_block), lambda c, i, j: (i, j, 0, c)),
       starts=pl.BlockSpec((None, None, t // chunk, dk, value_block),
                           lambda c, i, j: (i, j, 0, 0, c)),
-      # Partial sums over value blocks: one slice per block along a leading axis.
-      keys_part=pl.BlockSpec((None, None, None, t, dk), lambda c, i, j: (c, i, j, 0, 0)),
-      cw_part=pl.BlockSpec((None, None, None, t, chunk), lambda c, i, j: (c, i, j, 0, 0)),
-      gates_part=pl.BlockSpec((None, None, None, t), lambda c, i, j: (c, i, j, 0)),
   )
 
 
@@ -120,13 +120,14 @@ def forward(q, k, v, coefficients, weights0, momentum0, anchor0, *, chunk, value
   b, h, t, dk = q.shape
   dv = v.shape[-1]
   spec = _specs(t, dk, chunk, value_block)
+  precise = dcommon.float32_matmuls(q.dtype, interpret)
   state = jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)
   out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), state, state, state]
   out_specs = [spec["values"]] + [spec["states"]] * 3
   if save_starts:
     out_shape += [jax.ShapeDtypeStruct((b, h, t // chunk, dk, dv), jnp.float32)] * 2
     out_specs += [spec["starts"]] * 2
-  kernel = functools.partial(_forward_kernel, chunk=chunk, precise=q.dtype == jnp.float32,
+  kernel = functools.partial(_forward_kernel, chunk=chunk, precise=precise,
                              save_starts=save_starts)
   return pl.pallas_call(
       kernel,
@@ -140,17 +141,14 @@ def forward(q, k, v, coefficients, weights0, momentum0, anchor0, *, chunk, value
   )(q, k, v, *(coefficients[n] for n in COEFFICIENTS), weights0, momentum0, anchor0)
 
 
-_GRADS_PER_BLOCK = ("dq", "dk", "dcw", "dd", "db", "dcs", "de")
-
-
-def _backward_kernel(*refs, chunk, precise):
-  """Refs: the forward's inputs (q ... e, anchor0), weight_starts, momentum_starts
-  [N, K, Vb], dy [T, Vb], dweights, dmomentum, dlast_anchor [K, Vb]; then the outputs dv
-  [T, Vb], the partial dq, dk [T, K], dcw [T, C], dd, db, dcs, de [T], and dweights0,
-  dmomentum0, danchor0 [K, Vb]."""
-  names = (_INPUTS + ("anchor0", "weight_starts", "momentum_starts", "dy", "dweights",
-                      "dmomentum", "dlast_anchor", "dv") + _GRADS_PER_BLOCK
-           + ("dweights0", "dmomentum0", "danchor0"))
+def _state_grad_kernel(*refs, chunk, precise):
+  """Refs: the forward's inputs (q ... mask, anchor0), weight_starts, momentum_starts
+  [N, K, Vb], dy [T, Vb], dweights, dmomentum, dlast_anchor [K, Vb]; then the outputs dv,
+  derr [T, Vb], dweight_ends, dmomentum_ends [N, K, Vb] and dweights0, dmomentum0,
+  danchor0 [K, Vb]."""
+  names = _INPUTS + ("anchor0", "weight_starts", "momentum_starts", "dy", "dweights",
+                     "dmomentum", "dlast_anchor", "dv", "derr", "dweight_ends",
+                     "dmomentum_ends", "dweights0", "dmomentum0", "danchor0")
   r = dict(zip(names, refs))
   num_chunks = r["q"].shape[0] // chunk
   last_real = _last_real_chunk(r["mask"], num_chunks, chunk)
@@ -159,23 +157,23 @@ def _backward_kernel(*refs, chunk, precise):
     dweights, dmomentum = carry
     n = num_chunks - 1 - i
     rows = pl.ds(n * chunk, chunk)
+    r["dweight_ends"][n, :, :] = dweights
+    r["dmomentum_ends"][n, :, :] = dmomentum
     weights, momentum = r["weight_starts"][n, :, :], r["momentum_starts"][n, :, :]
     anchor = jnp.where(n == 0, r["anchor0"][...], weights)
-    grads = common.backward_chunk(_chunk_values(r, n, chunk), weights, momentum, anchor,
-                                  r["dy"][rows, :], dweights, dmomentum, precise)
+    derr, danchor, dweights, dmomentum = common.state_grad_chunk(
+        _chunk_values(r, n, chunk), weights, momentum, anchor, r["dy"][rows, :], dweights,
+        dmomentum, precise)
     # The last real chunk's anchor is also an output (the state's anchor if it is partial).
-    danchor = grads["danchor"] + jnp.where(n == last_real, r["dlast_anchor"][...], 0.0)
-    r["dv"][rows, :] = grads["dv"].astype(r["dv"].dtype)
-    for name in ("dq", "dk", "dcw"):
-      r[name][rows, :] = grads[name]
-    for name in ("dd", "db", "dcs", "de"):
-      r[name][rows] = grads[name]
+    danchor = danchor + jnp.where(n == last_real, r["dlast_anchor"][...], 0.0)
+    r["derr"][rows, :] = derr
+    r["dv"][rows, :] = (-2.0 * derr).astype(r["dv"].dtype)
 
     @pl.when(n == 0)
     def _():
       r["danchor0"][...] = danchor
 
-    return grads["dweights"] + jnp.where(n > 0, danchor, 0.0), grads["dmomentum"]
+    return dweights + jnp.where(n > 0, danchor, 0.0), dmomentum
 
   dweights, dmomentum = lax.fori_loop(0, num_chunks, step,
                                       (r["dweights"][...], r["dmomentum"][...]))
@@ -183,9 +181,36 @@ def _backward_kernel(*refs, chunk, precise):
   r["dmomentum0"][...] = dmomentum
 
 
+def _input_grads_kernel(*refs, value_block, precise):
+  """Refs: one chunk's q, k [C, K], v [C, V], cw [C, C], d, b, cs [C]; anchor0 [K, V];
+  the chunk's start W, S and end cotangents dW1, dS1 [K, V]; dy, derr [C, V]; outputs dq,
+  dk [C, K], dcw [C, C], dd, db, dcs, de [C]."""
+  names = ("q", "k", "v", "cw", "d", "b", "cs", "anchor0", "weights", "momentum",
+           "dweights", "dmomentum", "dy", "derr") + _INPUT_GRADS
+  r = dict(zip(names, refs))
+  chunk = r["q"].shape[0]
+  first = pl.program_id(2) == 0
+
+  def load(name, cols):
+    if name == "anchor":
+      return jnp.where(first, r["anchor0"][:, cols], r["weights"][:, cols])
+    return r[name][:, cols]
+
+  x = {name: r[name][...] for name in ("q", "k", "cw", "d", "b", "cs")}
+  x["cw_last"] = r["cw"][chunk - 1, :]
+  grads = common.input_grads_chunk(load, x, r["v"].shape[1], value_block, precise)
+  for name in _INPUT_GRADS:
+    r[name][...] = grads[name]
+
+
+_INPUT_GRADS = ("dq", "dk", "dcw", "dd", "db", "dcs", "de")
+
+
 def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy, dweights,
              dmomentum, dlast_anchor, *, chunk, value_block, interpret):
-  """The chunk loop backward: the chunks in reverse with the memory's cotangents on chip.
+  """The chunk loop backward: a reverse walk with the memory's cotangents on chip
+  (`common.state_grad_chunk`), then one program per chunk for the rest
+  (`common.input_grads_chunk`).
 
   Args:
     q, k, v, coefficients, anchor0: as in `forward`.
@@ -196,35 +221,50 @@ def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy,
 
   Returns:
     A dict: dv [B, H, T, V] in v's dtype; dq, dk [B, H, T, K], dcw [B, H, T, C] and dd,
-    db, dcs, de [B, H, T] float32 (summed over value blocks); dweights0, dmomentum0,
-    danchor0 [B, H, K, V] float32.
+    db, dcs, de [B, H, T] float32; dweights0, dmomentum0, danchor0 [B, H, K, V] float32.
   """
   b, h, t, dk = q.shape
   dv = v.shape[-1]
-  blocks = dv // value_block
+  num_chunks = t // chunk
   spec = _specs(t, dk, chunk, value_block)
+  precise = dcommon.float32_matmuls(q.dtype, interpret)
   f32 = jnp.float32
   state = jax.ShapeDtypeStruct((b, h, dk, dv), f32)
-  part = lambda *dims: jax.ShapeDtypeStruct((blocks, b, h, t) + dims, f32)
-  out_shape = ([jax.ShapeDtypeStruct(v.shape, v.dtype), part(dk), part(dk), part(chunk)]
-               + [part()] * 4 + [state] * 3)
-  out_specs = ([spec["values"], spec["keys_part"], spec["keys_part"], spec["cw_part"]]
-               + [spec["gates_part"]] * 4 + [spec["states"]] * 3)
-  in_specs = (_input_specs(spec) + [spec["states"], spec["starts"], spec["starts"],
-                                    spec["values"]] + [spec["states"]] * 3)
-  kernel = functools.partial(_backward_kernel, chunk=chunk, precise=q.dtype == jnp.float32)
-  out = pl.pallas_call(
-      kernel,
-      out_shape=tuple(out_shape),
-      grid=(blocks, b, h),
-      in_specs=in_specs,
-      out_specs=tuple(out_specs),
+  ends = jax.ShapeDtypeStruct((b, h, num_chunks, dk, dv), f32)
+  dv_out, derr, dweight_ends, dmomentum_ends, dweights0, dmomentum0, danchor0 = pl.pallas_call(
+      functools.partial(_state_grad_kernel, chunk=chunk, precise=precise),
+      out_shape=(jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(v.shape, f32),
+                 ends, ends, state, state, state),
+      grid=(dv // value_block, b, h),
+      in_specs=(_input_specs(spec) + [spec["states"], spec["starts"], spec["starts"],
+                                      spec["values"]] + [spec["states"]] * 3),
+      out_specs=(spec["values"], spec["values"], spec["starts"], spec["starts"])
+      + (spec["states"],) * 3,
       compiler_params=compat.triton_params(_WARPS, _STAGES),
       interpret=interpret,
-      name="neural_memory_backward",
+      name="neural_memory_state_grad",
   )(q, k, v, *(coefficients[n] for n in COEFFICIENTS), anchor0, weight_starts,
     momentum_starts, dy, dweights, dmomentum, dlast_anchor)
-  grads = dict(zip(("dv",) + _GRADS_PER_BLOCK + ("dweights0", "dmomentum0", "danchor0"), out))
-  for name in _GRADS_PER_BLOCK:
-    grads[name] = jnp.sum(grads[name], axis=0)
+
+  rows = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, n: (i, j, n, 0))
+  gates = pl.BlockSpec((None, None, chunk), lambda i, j, n: (i, j, n))
+  whole = pl.BlockSpec((None, None, dk, dv), lambda i, j, n: (i, j, 0, 0))
+  per_chunk = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
+  out = pl.pallas_call(
+      functools.partial(_input_grads_kernel, value_block=min(_INPUT_GRADS_VALUE_BLOCK, dv),
+                        precise=precise),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, f32),) * 2
+      + (jax.ShapeDtypeStruct((b, h, t, chunk), f32),)
+      + (jax.ShapeDtypeStruct((b, h, t), f32),) * 4,
+      grid=(b, h, num_chunks),
+      in_specs=[rows(dk), rows(dk), rows(dv), rows(chunk), gates, gates, gates, whole]
+      + [per_chunk] * 4 + [rows(dv)] * 2,
+      out_specs=(rows(dk), rows(dk), rows(chunk)) + (gates,) * 4,
+      compiler_params=compat.triton_params(_WARPS, _STAGES),
+      interpret=interpret,
+      name="neural_memory_input_grads",
+  )(q, k, v, coefficients["cw"], coefficients["d"], coefficients["b"], coefficients["cs"],
+    anchor0, weight_starts, momentum_starts, dweight_ends, dmomentum_ends, dy, derr)
+  grads = dict(zip(_INPUT_GRADS, out))
+  grads.update(dv=dv_out, dweights0=dweights0, dmomentum0=dmomentum0, danchor0=danchor0)
   return grads

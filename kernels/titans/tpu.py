@@ -1,9 +1,10 @@
 """The neural-memory chunk loop on TPUs: Pallas via Mosaic.
 
-The same loops as the GPU kernels (see `common`), with the chunks as the last
-("arbitrary") grid axis and the memory's W and S (or their cotangents) in VMEM scratch
-buffers across it. Mosaic tiles the last two dimensions of a block, so each chunk's gate
-vectors travel as [1, C] rows of a [B, H, N, 1, C] copy.
+The same passes as the GPU kernels (see `common`): the chunk walks have the chunks as the
+last ("arbitrary") grid axis and the memory's W and S (or their cotangents) in VMEM
+scratch buffers across it; the backward's per-chunk pass is parallel. Mosaic tiles the
+last two dimensions of a block, so each chunk's gate vectors travel as [1, C] rows of a
+[B, H, N, 1, C] copy.
 
 Checked in TPU interpret mode only: no TPU was at hand to compile it on.
 """
@@ -53,12 +54,6 @@ def _specs(dk, chunk, value_block, num_chunks, chunk_of):
       states=pl.BlockSpec((None, None, dk, value_block), lambda i, j, c, n: (i, j, 0, c)),
       starts=pl.BlockSpec((None, None, None, dk, value_block),
                           lambda i, j, c, n: (i, j, chunk_of(n), 0, c)),
-      keys_part=pl.BlockSpec((None, None, None, chunk, dk),
-                             lambda i, j, c, n: (c, i, j, chunk_of(n), 0)),
-      cw_part=pl.BlockSpec((None, None, None, chunk, chunk),
-                           lambda i, j, c, n: (c, i, j, chunk_of(n), 0)),
-      gates_part=pl.BlockSpec((None, None, None, None, 1, chunk),
-                              lambda i, j, c, n: (c, i, j, chunk_of(n), 0, 0)),
   )
 
 
@@ -145,17 +140,15 @@ def forward(q, k, v, coefficients, weights0, momentum0, anchor0, *, chunk, value
   )(*_inputs(q, k, v, coefficients, chunk), weights0, momentum0, anchor0)
 
 
-_GRADS_PER_BLOCK = ("dq", "dk", "dcw", "dd", "db", "dcs", "de")
-
-
-def _backward_kernel(*refs, precise):
-  """Refs: the forward's inputs for one chunk (visited last to first) and anchor0; the
+def _state_grad_kernel(*refs, precise):
+  """Refs: the forward's inputs for one chunk (visited last to first), anchor0; the
   chunk's start W and S [K, Vb]; dy [C, Vb]; dweights, dmomentum, dlast_anchor [K, Vb];
-  outputs dv [C, Vb], the partial dq, dk [C, K], dcw [C, C], dd, db, dcs, de [1, C],
-  dweights0, dmomentum0, danchor0 [K, Vb]; scratch dW, dS [K, Vb]."""
-  names = (_INPUTS + ("anchor0", "weight_start", "momentum_start", "dy", "dweights",
-                      "dmomentum", "dlast_anchor", "dv") + _GRADS_PER_BLOCK
-           + ("dweights0", "dmomentum0", "danchor0", "dweights_now", "dmomentum_now"))
+  outputs dv, derr [C, Vb], the chunk's end cotangents dW1, dS1 [K, Vb], dweights0,
+  dmomentum0, danchor0 [K, Vb]; scratch dW, dS [K, Vb]."""
+  names = _INPUTS + ("anchor0", "weight_start", "momentum_start", "dy", "dweights",
+                     "dmomentum", "dlast_anchor", "dv", "derr", "dweight_end",
+                     "dmomentum_end", "dweights0", "dmomentum0", "danchor0", "dweights_now",
+                     "dmomentum_now")
   r = dict(zip(names, refs))
   step = pl.program_id(3)
   n = pl.num_programs(3) - 1 - step
@@ -165,28 +158,55 @@ def _backward_kernel(*refs, precise):
     r["dweights_now"][...] = r["dweights"][...]
     r["dmomentum_now"][...] = r["dmomentum"][...]
 
+  r["dweight_end"][...] = r["dweights_now"][...]
+  r["dmomentum_end"][...] = r["dmomentum_now"][...]
   weights = r["weight_start"][...]
   anchor = jnp.where(n == 0, r["anchor0"][...], weights)
-  grads = common.backward_chunk(_chunk_values(r), weights, r["momentum_start"][...], anchor,
-                                r["dy"][...], r["dweights_now"][...],
-                                r["dmomentum_now"][...], precise)
+  derr, danchor, dweights, dmomentum = common.state_grad_chunk(
+      _chunk_values(r), weights, r["momentum_start"][...], anchor, r["dy"][...],
+      r["dweights_now"][...], r["dmomentum_now"][...], precise)
   # The last real chunk's anchor is also an output (the state's anchor if it is partial).
-  danchor = grads["danchor"] + jnp.where(n == _last_real_chunk(r), r["dlast_anchor"][...],
-                                         0.0)
-  r["dv"][...] = grads["dv"].astype(r["dv"].dtype)
-  for name in ("dq", "dk", "dcw"):
-    r[name][...] = grads[name]
-  for name in ("dd", "db", "dcs", "de"):
-    r[name][0, :] = grads[name]
-  dweights = grads["dweights"] + jnp.where(n > 0, danchor, 0.0)
+  danchor = danchor + jnp.where(n == _last_real_chunk(r), r["dlast_anchor"][...], 0.0)
+  r["derr"][...] = derr
+  r["dv"][...] = (-2.0 * derr).astype(r["dv"].dtype)
+  dweights = dweights + jnp.where(n > 0, danchor, 0.0)
   r["dweights_now"][...] = dweights
-  r["dmomentum_now"][...] = grads["dmomentum"]
+  r["dmomentum_now"][...] = dmomentum
 
   @pl.when(n == 0)
   def _():
     r["danchor0"][...] = danchor
     r["dweights0"][...] = dweights
-    r["dmomentum0"][...] = grads["dmomentum"]
+    r["dmomentum0"][...] = dmomentum
+
+
+_INPUT_GRADS = ("dq", "dk", "dcw", "dd", "db", "dcs", "de")
+
+
+def _input_grads_kernel(*refs, value_block, precise):
+  """Refs: one chunk's q, k [C, K], v [C, V], cw [C, C], d, b, cs [1, C]; anchor0 [K, V];
+  the chunk's start W, S and end cotangents dW1, dS1 [K, V]; dy, derr [C, V]; outputs dq,
+  dk [C, K], dcw [C, C], dd, db, dcs, de [1, C]."""
+  names = ("q", "k", "v", "cw", "d", "b", "cs", "anchor0", "weights", "momentum",
+           "dweights", "dmomentum", "dy", "derr") + _INPUT_GRADS
+  r = dict(zip(names, refs))
+  chunk = r["q"].shape[0]
+  first = pl.program_id(2) == 0
+
+  def load(name, cols):
+    if name == "anchor":
+      return jnp.where(first, r["anchor0"][:, cols], r["weights"][:, cols])
+    return r[name][:, cols]
+
+  x = {name: r[name][...] for name in ("q", "k", "cw")}
+  x.update({name: r[name][0, :] for name in ("d", "b", "cs")})
+  x["cw_last"] = r["cw"][chunk - 1, :]
+  grads = common.input_grads_chunk(load, x, r["v"].shape[1], value_block, precise)
+  for name in _INPUT_GRADS:
+    if name in ("dd", "db", "dcs", "de"):
+      r[name][0, :] = grads[name]
+    else:
+      r[name][...] = grads[name]
 
 
 def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy, dweights,
@@ -195,33 +215,48 @@ def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy,
   `memjax.kernels.titans.gpu.backward`."""
   b, h, t, dk = q.shape
   dv = v.shape[-1]
-  blocks, num_chunks = dv // value_block, t // chunk
+  num_chunks = t // chunk
   spec = _specs(dk, chunk, value_block, num_chunks, lambda n: num_chunks - 1 - n)
   f32 = jnp.float32
   state = jax.ShapeDtypeStruct((b, h, dk, dv), f32)
-  part = lambda *dims: jax.ShapeDtypeStruct((blocks, b, h) + dims, f32)
-  out_shape = ([jax.ShapeDtypeStruct(v.shape, v.dtype), part(t, dk), part(t, dk),
-                part(t, chunk)] + [part(num_chunks, 1, chunk)] * 4 + [state] * 3)
-  out_specs = ([spec["values"], spec["keys_part"], spec["keys_part"], spec["cw_part"]]
-               + [spec["gates_part"]] * 4 + [spec["states"]] * 3)
-  in_specs = (_input_specs(spec) + [spec["states"], spec["starts"], spec["starts"],
-                                    spec["values"]] + [spec["states"]] * 3)
-  kernel = functools.partial(_backward_kernel, precise=q.dtype == jnp.float32)
-  out = pl.pallas_call(
-      kernel,
-      out_shape=tuple(out_shape),
-      grid=(b, h, blocks, num_chunks),
-      in_specs=in_specs,
-      out_specs=tuple(out_specs),
+  ends = jax.ShapeDtypeStruct((b, h, num_chunks, dk, dv), f32)
+  dv_out, derr, dweight_ends, dmomentum_ends, dweights0, dmomentum0, danchor0 = pl.pallas_call(
+      functools.partial(_state_grad_kernel, precise=q.dtype == f32),
+      out_shape=(jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(v.shape, f32),
+                 ends, ends, state, state, state),
+      grid=(b, h, dv // value_block, num_chunks),
+      in_specs=(_input_specs(spec) + [spec["states"], spec["starts"], spec["starts"],
+                                      spec["values"]] + [spec["states"]] * 3),
+      out_specs=(spec["values"], spec["values"], spec["starts"], spec["starts"])
+      + (spec["states"],) * 3,
       scratch_shapes=[pltpu.VMEM((dk, value_block), f32)] * 2,
       compiler_params=compat.tpu_params(("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
-      name="neural_memory_backward",
+      name="neural_memory_state_grad",
   )(*_inputs(q, k, v, coefficients, chunk), anchor0, weight_starts, momentum_starts, dy,
     dweights, dmomentum, dlast_anchor)
-  grads = dict(zip(("dv",) + _GRADS_PER_BLOCK + ("dweights0", "dmomentum0", "danchor0"), out))
-  for name in _GRADS_PER_BLOCK:
-    grads[name] = jnp.sum(grads[name], axis=0)
-    if name in ("dd", "db", "dcs", "de"):
-      grads[name] = grads[name].reshape(b, h, t)
+
+  rows = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, n: (i, j, n, 0))
+  gates = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, n: (i, j, n, 0, 0))
+  whole = pl.BlockSpec((None, None, dk, dv), lambda i, j, n: (i, j, 0, 0))
+  per_chunk = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
+  vectors = jax.ShapeDtypeStruct((b, h, num_chunks, 1, chunk), f32)
+  out = pl.pallas_call(
+      functools.partial(_input_grads_kernel, value_block=min(value_block, dv),
+                        precise=q.dtype == f32),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, f32),) * 2
+      + (jax.ShapeDtypeStruct((b, h, t, chunk), f32),) + (vectors,) * 4,
+      grid=(b, h, num_chunks),
+      in_specs=[rows(dk), rows(dk), rows(dv), rows(chunk), gates, gates, gates, whole]
+      + [per_chunk] * 4 + [rows(dv)] * 2,
+      out_specs=(rows(dk), rows(dk), rows(chunk)) + (gates,) * 4,
+      compiler_params=compat.tpu_params(("parallel",) * 3),
+      interpret=interpret,
+      name="neural_memory_input_grads",
+  )(q, k, v, coefficients["cw"], *(_as_rows(coefficients[n], chunk) for n in ("d", "b", "cs")),
+    anchor0, weight_starts, momentum_starts, dweight_ends, dmomentum_ends, dy, derr)
+  grads = dict(zip(_INPUT_GRADS, out))
+  for name in ("dd", "db", "dcs", "de"):
+    grads[name] = grads[name].reshape(b, h, t)
+  grads.update(dv=dv_out, dweights0=dweights0, dmomentum0=dmomentum0, danchor0=danchor0)
   return grads

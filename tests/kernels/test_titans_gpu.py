@@ -1,0 +1,19 @@
+"""The compiled neural-memory kernels at real shapes against the xla path: outputs, final
+state and every input's gradient, from a state left part way into a chunk. Runs on a GPU
+only (`pytest -m gpu`)."""
+
+import jax.numpy as jnp
+import pytest
+
+from tests.kernels.test_titans import _compare, _inputs, _with_state
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_matches_xla(key, dtype, head_dim):
+  # 21 tokens seen, then T = 1000: the first chunk entered part way, a ragged last one.
+  inputs, state = _inputs(key, 2, 1021, 4, head_dim, head_dim, dtype)
+  names, args, call = _with_state(inputs, state, 21, 64)
+  _compare(call, args, names, dtype, key)
