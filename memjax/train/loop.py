@@ -22,29 +22,37 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-  """Trains a DecoderLM on MQAR and evaluates it on the held-out split.
+  """Trains a DecoderLM on a task and evaluates it on the held-out split.
 
+  The task is `config.data.task`: "mqar" (the default), "sniah" or "lm".
   Resumes from the newest checkpoint in `<workdir>/checkpoints` if there is one.
   Batch `i` is `train_ds[i]` and nothing else draws random numbers on the host,
   so a resumed run continues bit for bit as if it had not stopped.
 
   Args:
     config: A ConfigDict with sections `model` (DecoderLM's fields), `data`
-      (MqarTask's fields, `num_train`, `num_test`, `data_seed`, `source`,
-      `data_dir`) and `train`; see experiments/configs/mqar.py.
+      and `train`. `data` holds, for "mqar", MqarTask's fields, `num_train`,
+      `num_test`, `data_seed`, `source` and `data_dir` (see
+      experiments/configs/mqar.py); for "sniah", `needle`, `seq_len` (the
+      context length), `depth` and the same five (experiments/configs/sniah.py);
+      for "lm", `dataset`, `train_split`, `eval_split`, `feature`, `seq_len` and
+      `data_dir` (experiments/configs/lm.py).
     workdir: Directory for config.json, metrics.jsonl, TensorBoard event files,
       checkpoints and (for `source="tfds"` without `data_dir`) the dataset.
 
   Returns:
     The final metrics: "eval/loss", "eval/accuracy" (held-out accuracy: correct
-    query predictions / number of queries) and, if any step ran in this call,
+    predictions / labelled positions, e.g. queries of MQAR, answer tokens of
+    S-NIAH, all next tokens of LM), "eval/exact_match" (examples with every
+    labelled position right / examples) and, if any step ran in this call,
     the last logged "train/..." values.
   """
   tc = config.train
-  if config.model.vocab_size < config.data.vocab_size:
+  vocab_size = _task_vocab_size(config.data)
+  if config.model.vocab_size < vocab_size:
     raise ValueError(
         f"model.vocab_size={config.model.vocab_size} cannot embed the task's "
-        f"tokens: data.vocab_size={config.data.vocab_size}."
+        f"tokens: data.task={_task(config.data)!r} uses {vocab_size} token ids."
     )
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -131,7 +139,9 @@ def evaluate(
       [B, T]; padding rows must be labelled IGNORE_INDEX only.
 
   Returns:
-    "loss" and "accuracy" over all labelled positions of the split.
+    "loss" and "accuracy" over all labelled positions of the split, and
+    "exact_match" over its examples when `eval_step` counts them (as
+    `steps.make_eval_step` does).
   """
   # Dispatch every batch before reading any result back, so the device does
   # not wait on the host between batches.
@@ -156,11 +166,27 @@ def _report_eval(writer: MetricWriter, step: int, means) -> dict[str, float]:
   scalars = {f"eval/{name}": value for name, value in means.items()}
   print(
       f"step {step}  held-out loss {scalars['eval/loss']:.4f}  "
-      f"accuracy {scalars['eval/accuracy']:.4f}",
+      f"accuracy {scalars['eval/accuracy']:.4f}  "
+      f"exact match {scalars['eval/exact_match']:.4f}",
       flush=True,
   )
   writer.write(step, scalars)
   return scalars
+
+
+def _task(data_config: Any) -> str:
+  """The task named by the `data` section of the config; "mqar" if none is."""
+  task = data_config.get("task", "mqar")
+  if task not in _SOURCES:
+    raise ValueError(f"data.task must be one of {tuple(_SOURCES)}, got {task!r}.")
+  return task
+
+
+def _task_vocab_size(data_config: Any) -> int:
+  """The number of token ids of the task's data, which the model must embed."""
+  if _task(data_config) == "mqar":
+    return data_config.vocab_size
+  return data.tokenizer.VOCAB_SIZE
 
 
 def _sources(data_config: Any, workdir: str):
@@ -168,20 +194,63 @@ def _sources(data_config: Any, workdir: str):
 
   Args:
     data_config: The `data` section of the config.
-    workdir: The run's directory; `<workdir>/tfds` is the default data_dir.
+    workdir: The run's directory; `<workdir>/tfds` is the default data_dir of
+      the synthetic tasks.
 
   Returns:
     (train source, test source).
   """
+  return _SOURCES[_task(data_config)](data_config, workdir)
+
+
+def _mqar_sources(data_config: Any, workdir: str):
+  """The sources of MQAR; see `_sources`."""
   task = data.MqarTask(
       **{f.name: data_config[f.name] for f in dataclasses.fields(data.MqarTask)}
   )
+  return _synthetic_sources(
+      data_config, workdir, task, data.generate_mqar, data.load_mqar
+  )
+
+
+def _sniah_sources(data_config: Any, workdir: str):
+  """The sources of S-NIAH; see `_sources`."""
+  task = data.SniahTask(
+      needle=data_config.needle,
+      context_length=data_config.seq_len,
+      depth=data_config.depth,
+  )
+  return _synthetic_sources(
+      data_config, workdir, task, data.generate_sniah, data.load_sniah
+  )
+
+
+def _synthetic_sources(
+    data_config: Any,
+    workdir: str,
+    task: Any,
+    generate: Callable[..., dict[str, np.ndarray]],
+    load: Callable[..., Any],
+):
+  """The sources of a synthetic task, generated in memory or built with TFDS.
+
+  Args:
+    data_config: The `data` section of the config.
+    workdir: The run's directory; see `_sources`.
+    task: The task, e.g. an MqarTask.
+    generate: Its generator, `generate(task, num_examples, seed)`, e.g.
+      `data.generate_mqar`.
+    load: Its TFDS loader, e.g. `data.load_mqar`.
+
+  Returns:
+    (train source, test source).
+  """
   if data_config.source == "numpy":
     # Seeded per split as the TFDS builder is, so both sources hold the same
     # examples.
     return tuple(
         data.ArraySource(
-            data.generate_mqar(task, n, data.split_seed(data_config.data_seed, split))
+            generate(task, n, data.split_seed(data_config.data_seed, split))
         )
         for split, n in (
             ("train", data_config.num_train),
@@ -190,7 +259,7 @@ def _sources(data_config: Any, workdir: str):
     )
   if data_config.source == "tfds":
     load = functools.partial(
-        data.load_mqar,
+        load,
         task,
         data_dir=data_config.data_dir or os.path.join(workdir, "tfds"),
         num_train=data_config.num_train,
@@ -201,3 +270,21 @@ def _sources(data_config: Any, workdir: str):
   raise ValueError(
       f'data.source must be "tfds" or "numpy", got {data_config.source!r}.'
   )
+
+
+def _lm_sources(data_config: Any, workdir: str):
+  """The packed windows of a TFDS text dataset; see `_sources`."""
+  # A corpus lives in its TFDS data_dir (None: the TFDS default), shared by
+  # runs, rather than in the run's directory.
+  del workdir
+  load = functools.partial(
+      data.load_text,
+      data_config.dataset,
+      seq_len=data_config.seq_len,
+      data_dir=data_config.data_dir,
+      feature=data_config.feature,
+  )
+  return load(data_config.train_split), load(data_config.eval_split)
+
+
+_SOURCES = {"mqar": _mqar_sources, "sniah": _sniah_sources, "lm": _lm_sources}

@@ -2,7 +2,8 @@
 
 Both steps return sums and counts rather than means, so that metrics over many
 batches (a logging window, the whole test split) aggregate exactly: the mean is
-taken once, at the end, by `summarize`.
+taken once, at the end, by `summarize`. The eval step also counts examples
+answered exactly, for tasks scored per example (S-NIAH).
 """
 
 from typing import Any, Callable, Mapping
@@ -45,23 +46,53 @@ def token_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
   }
 
 
+def example_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
+  """Counts the examples whose every labelled position is predicted correctly.
+
+  Rows without any label (the padding rows of `memjax.data.eval_batches`) are
+  not examples and are counted in neither sum.
+
+  Args:
+    logits: float [B, T, V].
+    labels: int [B, T]; the target id, or IGNORE_INDEX where there is none.
+
+  Returns:
+    int32 scalars "exact" (examples all of whose labelled positions have the
+    label as argmax) and "examples" (rows with at least one label).
+  """
+  mask = labels != IGNORE_INDEX
+  wrong = mask & (jnp.argmax(logits, axis=-1) != labels)
+  labelled = jnp.any(mask, axis=1)
+  return {
+      "exact": jnp.sum(labelled & ~jnp.any(wrong, axis=1), dtype=jnp.int32),
+      "examples": jnp.sum(labelled, dtype=jnp.int32),
+  }
+
+
 def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
   """Turns summed metrics into means.
 
   Args:
-    sums: "loss_sum", "correct", "count" added up over any number of batches.
+    sums: "loss_sum", "correct", "count" added up over any number of batches,
+      and optionally "exact" and "examples" (`example_metrics`).
 
   Returns:
     "loss" (mean nats per labelled position) and "accuracy" (fraction of
-    labelled positions predicted correctly); NaN if nothing was labelled.
+    labelled positions predicted correctly); NaN if nothing was labelled. With
+    "examples" in `sums`, also "exact_match" (fraction of examples predicted
+    correctly at every labelled position); NaN if there were none.
   """
   count = float(sums.get("count", 0))
-  if count == 0:
-    return {"loss": float("nan"), "accuracy": float("nan")}
-  return {
-      "loss": float(sums["loss_sum"]) / count,
-      "accuracy": float(sums["correct"]) / count,
-  }
+  means = {"loss": float("nan"), "accuracy": float("nan")}
+  if count:
+    means = {
+        "loss": float(sums["loss_sum"]) / count,
+        "accuracy": float(sums["correct"]) / count,
+    }
+  if "examples" in sums:
+    examples = float(sums["examples"])
+    means["exact_match"] = float(sums["exact"]) / examples if examples else float("nan")
+  return means
 
 
 def add_metrics(total: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict:
@@ -130,11 +161,15 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
     model: The Linen module, as for `make_train_step`.
 
   Returns:
-    The jitted step; `metrics` are the sums of `token_metrics` for the batch.
+    The jitted step; `metrics` are the sums of `token_metrics` and the counts
+    of `example_metrics` for the batch.
   """
 
   def eval_step(params, batch: Batch) -> Metrics:
     logits = model.apply({"params": params}, batch["inputs"])
-    return token_metrics(logits, batch["labels"])
+    return {
+        **token_metrics(logits, batch["labels"]),
+        **example_metrics(logits, batch["labels"]),
+    }
 
   return jax.jit(eval_step)

@@ -16,20 +16,29 @@ import pytest
 from memjax import data
 from memjax import train
 from memjax.models import DecoderLM
+from memjax.train import steps
+from tests.data.test_text import build_tiny_text
 
-_CONFIG_FILE = os.path.join(
-    os.path.dirname(__file__), "..", "..", "experiments", "configs", "mqar.py"
+_CONFIG_DIR = os.path.join(
+    os.path.dirname(__file__), "..", "..", "experiments", "configs"
 )
 _NUM_STEPS = 40
 _HALF = _NUM_STEPS // 2
 
 
-def _tiny_config(num_steps):
-  """The `tiny` config on in-memory data, with a fixed schedule horizon."""
-  spec = importlib.util.spec_from_file_location("mqar_config", _CONFIG_FILE)
+def _config(name, variant):
+  """get_config(variant) of experiments/configs/<name>.py."""
+  spec = importlib.util.spec_from_file_location(
+      f"{name}_config", os.path.join(_CONFIG_DIR, f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  return module.get_config(variant)
+
+
+def _tiny_config(num_steps):
+  """The MQAR `tiny` config on in-memory data, with a fixed schedule horizon."""
+  config = _config("mqar", "tiny")
   config.data.source = "numpy"
   config.train.num_steps = num_steps
   # The learning rate of a step must not depend on where the run stops.
@@ -148,6 +157,92 @@ def test_eval_aggregates_exactly_over_padded_batches():
   logits = 3.0 * np.eye(task.vocab_size)[token]
   log_probs = logits - np.log(np.sum(np.exp(logits)))
   np.testing.assert_allclose(metrics["loss"], -log_probs[labels].mean(), rtol=1e-6)
+  # The values of an example are distinct, so one token answers none exactly.
+  assert metrics["exact_match"] == 0.0
+
+
+def test_exact_match_on_hand_made_logits():
+  ignore = data.IGNORE_INDEX
+  labels = np.array([
+      [5, ignore, 3, ignore],  # every labelled position right
+      [ignore, 2, 2, ignore],  # one of two wrong
+      [ignore, ignore, ignore, ignore],  # padding: no example
+      [ignore, ignore, ignore, 1],  # one label, right
+      [4, 4, 4, 4],  # all wrong
+  ])
+  predicted = np.array([
+      [5, 0, 3, 7],
+      [1, 2, 6, 2],
+      [0, 0, 0, 0],
+      [3, 3, 3, 1],
+      [0, 1, 2, 3],
+  ])
+  logits = jnp.asarray(np.eye(8)[predicted])
+  counts = steps.example_metrics(logits, jnp.asarray(labels))
+  assert int(counts["exact"]) == 2 and int(counts["examples"]) == 4
+  sums = {**steps.token_metrics(logits, jnp.asarray(labels)), **counts}
+  means = steps.summarize(steps.add_metrics({}, sums))
+  assert means["exact_match"] == 0.5
+  assert means["accuracy"] == 4 / 9
+  # Only padding rows: no examples, so no exact-match rate; training sums have none.
+  only_padding = steps.example_metrics(logits[2:3], jnp.asarray(labels[2:3]))
+  assert int(only_padding["examples"]) == 0
+  assert np.isnan(steps.summarize(steps.add_metrics({}, only_padding))["exact_match"])
+  train_sums = steps.token_metrics(logits, jnp.asarray(labels))
+  assert "exact_match" not in steps.summarize(train_sums)
+
+
+def _smoke_run(config, workdir):
+  """Runs a `tiny` config; checks its metrics and returns the final ones."""
+  # The wiring of the task is under test, not the kernels; the reference
+  # implementation compiles fastest on a CPU.
+  config.model.implementation = "reference"
+  final = train.train_and_evaluate(config, str(workdir))
+  evals = [row for row in _read_metrics(workdir) if "eval/exact_match" in row]
+  assert [row["step"] for row in evals] == [config.train.num_steps]
+  assert evals[-1]["eval/exact_match"] == final["eval/exact_match"]
+  for name in ("eval/accuracy", "eval/exact_match"):
+    assert 0.0 <= final[name] <= 1.0
+  assert np.isfinite(final["eval/loss"]) and np.isfinite(final["train/loss"])
+  return final
+
+
+def test_sniah_tiny_config_runs(tmp_path):
+  _smoke_run(_config("sniah", "tiny"), tmp_path)
+  assert os.listdir(tmp_path / "tfds" / "sniah")
+
+
+def test_lm_tiny_config_runs_on_a_local_dataset(tmp_path):
+  config = _config("lm", "tiny")
+  config.data.dataset = build_tiny_text(tmp_path / "tfds")
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.eval_split = "test"
+  _smoke_run(config, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "name, change, match",
+    [
+        ("sniah", dict(task="qa"), "data.task"),
+        ("sniah", dict(needle="uuid"), "needle"),
+        ("lm", dict(feature="body"), "feature"),
+    ],
+)
+def test_bad_data_configs_raise(tmp_path, name, change, match):
+  config = _config(name, "tiny")
+  if name == "lm":
+    config.data.dataset = build_tiny_text(tmp_path / "tfds")
+    config.data.data_dir = str(tmp_path / "tfds")
+  config.data.update(change)
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_model_must_embed_the_byte_tokens(tmp_path):
+  config = _config("sniah", "tiny")
+  config.model.vocab_size = 256
+  with pytest.raises(ValueError, match="model.vocab_size=256"):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_weight_decay_skips_biases_scales_and_vectors():

@@ -1,0 +1,105 @@
+r"""Single needle-in-a-haystack (RULER S-NIAH) with a gated-delta-rule DecoderLM.
+
+Each example is `data.seq_len` byte tokens: a haystack with one needle, then a
+question whose answer, the needle's value, ends the example; the model is
+trained and scored on the answer tokens only (see memjax/data/sniah.py).
+`eval/exact_match` is the RULER score: the fraction of held-out examples whose
+whole value is predicted right. Variants: the default is a 1024-token context
+with the "passkey" needle (accuracy not yet measured); `tiny` is a few steps of
+a tiny model on 128-token contexts, for tests. From the repo root:
+
+  python experiments/train.py --config=experiments/configs/sniah.py \
+      --workdir=/tmp/memjax/sniah
+  python experiments/train.py --config=experiments/configs/sniah.py \
+      --config.data.needle=number --workdir=/tmp/memjax/sniah_number
+  python experiments/train.py --config=experiments/configs/sniah.py \
+      --config.data.needle=word --config.data.seq_len=4096 \
+      --config.data.depth=0.5 --workdir=/tmp/memjax/sniah_word_4k
+  python experiments/train.py --config=experiments/configs/sniah.py:tiny \
+      --workdir=/tmp/memjax/sniah_tiny
+
+Any field can be overridden as `--config.<section>.<field>=<value>`. The
+dataset is built once per set of data parameters under `data.data_dir`
+(default `<workdir>/tfds`). Rerunning a command with the same --workdir
+resumes from its newest checkpoint.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from memjax.data import tokenizer
+
+_VARIANTS = ("default", "tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config of one variant.
+
+  Args:
+    arg: "default" (also None or "") or "tiny".
+
+  Returns:
+    The ConfigDict with sections `model`, `data` and `train`.
+  """
+  variant = arg or "default"
+  if variant not in _VARIANTS:
+    raise ValueError(f"unknown variant {arg!r}; expected one of {_VARIANTS}.")
+
+  def pick(default, tiny):
+    return {"default": default, "tiny": tiny}[variant]
+
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(
+      dict(
+          # Byte tokens and the special ids of memjax.data.tokenizer.
+          vocab_size=tokenizer.VOCAB_SIZE,
+          d_model=pick(128, 32),
+          mixers=pick("gdn,gdn", "gdn"),
+          ffns="mlp",
+          num_heads=2,
+          mlp_ratio=2.0,
+          tie_embeddings=True,
+          chunk_size=pick(64, 16),
+          scan_layers=True,
+          # "reference" | "xla" | "pallas"; None picks the fastest available.
+          implementation=config_dict.placeholder(str),
+      )
+  )
+  config.data = ml_collections.ConfigDict(
+      dict(
+          task="sniah",
+          # "passkey" | "number" | "word".
+          needle="passkey",
+          # The context length: tokens per example (SniahTask.context_length),
+          # named as in every task's config.
+          seq_len=pick(1024, 128),
+          # Needle depth as a fraction of the haystack; None draws a uniform
+          # depth for each example.
+          depth=config_dict.placeholder(float),
+          num_train=pick(20_000, 64),
+          num_test=pick(500, 16),
+          data_seed=0,
+          # "tfds": built once under data_dir; "numpy": generated in memory.
+          source="tfds",
+          # None means <workdir>/tfds.
+          data_dir=config_dict.placeholder(str),
+      )
+  )
+  config.train = ml_collections.ConfigDict(
+      dict(
+          batch_size=pick(16, 8),
+          num_steps=pick(2_000, 4),
+          # Cosine horizon; None means num_steps.
+          decay_steps=config_dict.placeholder(int),
+          learning_rate=pick(1e-3, 3e-3),
+          warmup_steps=pick(100, 1),
+          weight_decay=0.1,
+          grad_clip=1.0,
+          seed=0,
+          log_every=pick(100, 2),
+          eval_every=pick(500, 4),
+          checkpoint_every=pick(500, 4),
+          keep_checkpoints=3,
+      )
+  )
+  return config
