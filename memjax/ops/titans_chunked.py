@@ -16,9 +16,9 @@ nothing) unrolls from the chunk's starting (W0, S0) to
     Q_ts = sum_{s<=r<=t} (prod_{r<i<=t} a_i) m_r P_rs,
     B_t  = sum_{r<=t} (prod_{r<i<=t} a_i) m_r E_r,      D_t = prod_{i<=t} a_i.
 
-Each coefficient is one `linear_scan` over the chunk (row recurrences `P_t = eta_t P_{t-1}
-+ e_t`, `Q_t = a_t Q_{t-1} + m_t P_t`), so no ratio of products is ever formed (eta or a
-may be 0). A layer's output for an input h_t is then
+The coefficients are exponentiated differences of cumulative log gates and one matmul
+(`_coefficients`): elementwise work and a [C, C] product per chunk, also in the backward.
+A layer's output for an input h_t is then
 `h_t W_t = D_t h_t W0 + B_t h_t S0 - sum_s theta_s Q_ts (h_t . x_s) delta_s`: matmuls, and
 the per-token weights are never built. The chunk-end (W, S) are the same sums at t = C.
 Only the carry from chunk to chunk is sequential; the retrieval runs batched afterwards.
@@ -32,7 +32,6 @@ from jax import lax
 
 from memjax.ops import chunking
 from memjax.ops import miras
-from memjax.ops import scan
 from memjax.ops import titans_memory
 
 
@@ -59,25 +58,34 @@ def _pad_time(x, front, back, fill):
 def _coefficients(eta, decay, mask):
   """The dual-form coefficients of every chunk (see the module docstring).
 
+  Products over token ranges are differences of cumulative log sums, exponentiated only
+  where the range is causal (s <= t), so nothing above the diagonal can overflow. A gate
+  of exactly 0 (eta = None is all zeros) is taken as the smallest normal float32, whose
+  products are 0 to float32 precision for every range that holds it. Q and B are one
+  matmul each: `Q = A diag(m) P`, `B = A (m * E)` with `A_tr = prod_{r<i<=t} a_i`.
+
   Args:
     eta, decay, mask: [B, H, N, C] momentum, 1 - alpha and the real-token mask.
 
   Returns:
     `(P, Q, E, B, D)`: P, Q [B, H, N, C, C] (rows t, columns s); E, B, D [B, H, N, C].
   """
-  lead, c = eta.shape[:-1], eta.shape[-1]
-  flat = lambda x: x.reshape((-1, c) + x.shape[len(lead) + 1:])
-  widen = lambda x, n: jnp.broadcast_to(x[..., None], x.shape + (n,))
-  one_hot = jnp.broadcast_to(jnp.eye(c, c + 1, dtype=eta.dtype), lead + (c, c + 1))
-  start = jnp.zeros((flat(eta).shape[0], c + 1), eta.dtype).at[:, c].set(1.0)
-  # Columns 0..C-1: P (the momentum of token s seen at t); column C: E.
-  pe = scan.linear_scan(flat(widen(eta, c + 1)), flat(one_hot), start, implementation="xla")
-  writes = jnp.concatenate([pe, jnp.zeros_like(pe[..., :1])], axis=-1) * flat(mask)[..., None]
-  start = jnp.zeros((pe.shape[0], c + 2), eta.dtype).at[:, c + 1].set(1.0)
-  # Columns 0..C-1: Q; column C: B; column C+1: D.
-  qbd = scan.linear_scan(flat(widen(decay, c + 2)), writes, start, implementation="xla")
-  pe, qbd = pe.reshape(lead + pe.shape[1:]), qbd.reshape(lead + qbd.shape[1:])
-  return pe[..., :c], qbd[..., :c], pe[..., c], qbd[..., c], qbd[..., c + 1]
+  c = eta.shape[-1]
+  causal = jnp.tril(jnp.ones((c, c), bool))
+  tiny = jnp.finfo(jnp.float32).tiny
+  hi = lax.Precision.HIGHEST
+
+  def products(gate):
+    """`(prod_{s<i<=t} gate_i` [..., C, C] (0 above the diagonal), `prod_{i<=t} gate_i`)."""
+    logs = jnp.cumsum(jnp.log(jnp.maximum(gate, tiny)), axis=-1)
+    diff = jnp.where(causal, logs[..., :, None] - logs[..., None, :], 0.0)
+    return jnp.where(causal, jnp.exp(diff), 0.0), jnp.exp(logs)
+
+  p, e = products(eta)
+  a, d = products(decay)
+  q = jnp.einsum("...tr,...rs->...ts", a, mask[..., None] * p, precision=hi)
+  b = jnp.einsum("...tr,...r->...t", a, mask * e, precision=hi)
+  return p, q, e, b, d
 
 
 class Chunks(NamedTuple):

@@ -41,8 +41,9 @@ def _midway(state, inputs, tokens, chunk):
   """The state after the first `tokens` tokens (by the xla path): part way into a chunk,
   with momentum, and an anchor that differs from the weights."""
   head = {n: x[:, :tokens] for n, x in inputs.items()}
-  _, state = ops.neural_memory(**head, initial_state=state, chunk_size=chunk,
-                               return_final_state=True, implementation="xla")
+  _, state = jax.jit(functools.partial(
+      ops.neural_memory, chunk_size=chunk, return_final_state=True, implementation="xla"))(
+          **head, initial_state=state)
   assert int(state.position) == tokens % chunk
   return state
 

@@ -288,8 +288,11 @@ def test_bad_inputs():
     _call(good, activation="tanh")
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):
     _call(good, chunk_size=0)
-  with pytest.raises(ValueError, match="not available"):
+  # The kernel runs the linear memory only (tests/kernels/test_titans.py has the rest).
+  with pytest.raises(ValueError, match="implementation='pallas' runs the linear memory"):
     _call(good, implementation="pallas")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    _call(good, implementation="triton")
   with pytest.raises(ValueError, match=r"initial_weights\[0\] must have 3 dims"):
     titans.init_state((jnp.zeros((4, 4)),), 2)
   with pytest.raises(ValueError, match=r"theta must have shape \[B, T, H\]"):
