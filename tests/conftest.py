@@ -3,6 +3,11 @@
 import itertools
 
 import jax
+
+# tests/sharding runs meshes of 8 virtual CPU devices. The count must be set before JAX
+# starts its backends; everything else keeps running on the default device, jax.devices()[0].
+jax.config.update("jax_num_cpu_devices", 8)
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -23,16 +23,17 @@ def linear_scan_step(a: jax.Array, b: jax.Array, h: jax.Array) -> jax.Array:
   Returns:
     The new state, [B, ...], in the accumulation dtype (float32 for bf16 inputs).
   """
-  dtype = _accumulation_dtype(a, b)
+  dtype = accumulation_dtype(a, b)
   return a.astype(dtype) * h.astype(dtype) + b.astype(dtype)
 
 
-def _accumulation_dtype(*xs: jax.Array):
+def accumulation_dtype(*xs: jax.Array):
+  """The dtype the scan accumulates in: the inputs' promoted with float32 (at least fp32)."""
   return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
 
 
 def _reference(a, b, h0, reverse):
-  dtype = _accumulation_dtype(a, b)
+  dtype = accumulation_dtype(a, b)
 
   def step(h, ab):
     h = linear_scan_step(ab[0], ab[1], h)
@@ -44,7 +45,7 @@ def _reference(a, b, h0, reverse):
 
 
 def _xla(a, b, h0, reverse):
-  dtype = _accumulation_dtype(a, b)
+  dtype = accumulation_dtype(a, b)
   a, b = a.astype(dtype), b.astype(dtype)
   # Folding h0 into the first input (the last one when reversed) makes the scan start at 0.
   first = -1 if reverse else 0
@@ -103,7 +104,7 @@ def linear_scan(
   validation.check_shape("b", b, a.shape, "[B, T, ...] like a")
   state_shape = a.shape[:1] + a.shape[2:]
   if h0 is None:
-    h0 = jnp.zeros(state_shape, _accumulation_dtype(a, b))
+    h0 = jnp.zeros(state_shape, accumulation_dtype(a, b))
   else:
     validation.check_floating("h0", h0)
     validation.check_shape("h0", h0, state_shape, "[B, ...] (a.shape without axis 1)")
