@@ -53,10 +53,21 @@ def test_one_step_matches_float64(key):
 
 
 def test_large_beta_retrieves_the_nearest_stored_pattern(key):
-  k1, k2 = jax.random.split(key)
-  stored = jnp.sign(jax.random.normal(k1, (1, 16, 1, 64)))  # Binary patterns, far apart.
-  flips = jax.random.bernoulli(k2, 0.15, stored.shape)
-  state = jnp.where(flips, -stored, stored)  # Each query is a corrupted stored pattern.
+  k1, k2, k3 = jax.random.split(key, 3)
+  # Binary patterns far apart by construction: 16 random rows of a 64 x 64 Hadamard matrix
+  # with random column signs, pairwise overlap 0. (Independent random signs came within
+  # reach of each other now and then, and exact retrieval then failed on its own.)
+  hadamard = np.ones((1, 1))
+  while hadamard.shape[0] < 64:
+    hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+  rows = jax.random.permutation(k1, 64)[:16]
+  signs = jnp.sign(jax.random.normal(k2, (64,)))
+  stored = (jnp.asarray(hadamard, jnp.float32)[rows] * signs)[None, :, None, :]
+  # Each query is its stored pattern with 8 of 64 signs flipped: overlap 48 with it, at
+  # most 16 with any other.
+  flipped = jax.vmap(lambda k: jax.random.permutation(k, 64)[:8])(jax.random.split(k3, 16))
+  flips = jnp.zeros((16, 64), bool).at[jnp.arange(16)[:, None], flipped].set(True)
+  state = jnp.where(flips[None, :, None, :], -stored, stored)
   out = _retrieval(state, stored, stored, scaling=8.0)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(stored))
 
