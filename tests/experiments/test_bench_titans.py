@@ -32,7 +32,7 @@ def test_small_run_fills_the_table():
     seen.add((memory, dtype, impl, passes))
   assert len(seen) == 20
   assert "memjax pallas skipped for mlp 2-64-128-2-16" in done.stdout
-  diffs = dict(re.findall(r"(\w+ \S+ \w+ \w+) vs xla forward, relative difference (\S+)",
+  diffs = dict(re.findall(r"(\w+ \S+ \w+: \w+) vs xla forward, relative difference (\S+)",
                           done.stdout))
   assert set(diffs) == ({f"{m} 2-64-128-2-16 {d}: reference" for m in ("linear", "mlp")
                          for d in ("float32", "bfloat16")}
