@@ -18,9 +18,14 @@ from memjax.kernels import compat
 from memjax.kernels.delta_rule import common as dcommon
 from memjax.kernels.titans import common
 
+# Warps of the chunk walks (forward and the backward's first pass): from a sweep on an H100
+# (B4-T4096-H8-K64, bf16), 4 warps 0.26-0.29 ms forward, 8 warps 0.34-0.44, 2 warps spill.
 _WARPS = 4
 _STAGES = 1
-# Value columns per step of the per-chunk backward pass's loop over V.
+# Warps and value columns per loop step of the backward's per-chunk pass. H100,
+# B8-T4096-H16-K64, whole backward: fp32 9.0 ms with 64 columns on 4 warps (32: 9.6, 16:
+# 11.6; 8 warps 11.0-17.7); bf16 1.79 ms (16-32 columns 1.98-2.01).
+_INPUT_GRADS_WARPS = 4
 _INPUT_GRADS_VALUE_BLOCK = 64
 # The gate-derived inputs of a chunk, by name, in the order the kernels take them.
 COEFFICIENTS = ("cw", "d", "b", "cs", "e", "mask")
@@ -260,7 +265,7 @@ def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy,
       in_specs=[rows(dk), rows(dk), rows(dv), rows(chunk), gates, gates, gates, whole]
       + [per_chunk] * 4 + [rows(dv)] * 2,
       out_specs=(rows(dk), rows(dk), rows(chunk)) + (gates,) * 4,
-      compiler_params=compat.triton_params(_WARPS, _STAGES),
+      compiler_params=compat.triton_params(_INPUT_GRADS_WARPS, _STAGES),
       interpret=interpret,
       name="neural_memory_input_grads",
   )(q, k, v, coefficients["cw"], coefficients["d"], coefficients["b"], coefficients["cs"],
