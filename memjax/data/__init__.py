@@ -2,6 +2,7 @@
 language modelling, and grain input pipelines."""
 
 from memjax.data import tokenizer
+from memjax.data.generated_tfds import split_seed
 from memjax.data.mqar import IGNORE_INDEX
 from memjax.data.mqar import MqarTask
 from memjax.data.mqar import generate_mqar
@@ -10,7 +11,6 @@ from memjax.data.mqar_tfds import MqarDataset
 from memjax.data.mqar_tfds import load_mqar
 from memjax.data.mqar_tfds import mqar_builder
 from memjax.data.mqar_tfds import mqar_config
-from memjax.data.mqar_tfds import split_seed
 from memjax.data.pipeline import ArraySource
 from memjax.data.pipeline import batched_dataset
 from memjax.data.pipeline import eval_batches

@@ -13,13 +13,11 @@ different tasks are built once each into their own directories under
 import dataclasses
 import os
 
-import numpy as np
 import tensorflow_datasets as tfds
 
+from memjax.data import generated_tfds
 from memjax.data.mqar import MqarTask
 from memjax.data.mqar import generate_mqar
-
-SPLITS = ("train", "test")
 
 
 @dataclasses.dataclass(eq=False)
@@ -71,66 +69,18 @@ def mqar_config(
   )
 
 
-def split_seed(seed: int, split: str) -> int:
-  """Returns the `generate_mqar` seed of a split of a dataset with `seed`.
-
-  The seeds of the splits are hashed from (seed, split) rather than offset
-  from seed, so no split of one dataset repeats a split of another seed.
-
-  Args:
-    seed: Seed of the dataset.
-    split: "train" or "test".
-
-  Returns:
-    A seed in [0, 2**32).
-  """
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-  return int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
-
-
-class MqarDataset(tfds.core.GeneratorBasedBuilder):
+class MqarDataset(generated_tfds.GeneratedSplits, tfds.core.GeneratorBasedBuilder):
   """Multi-query associative recall (Zoology, arXiv 2312.04927)."""
 
   name = "mqar"
   # Bump when `generate_mqar` changes the examples of a given seed.
   VERSION = tfds.core.Version("1.0.0")
-  # Nothing is downloaded, so there are no URL checksums. Saying so also keeps
-  # TFDS from looking for a checksums file through `importlib_resources`, which
-  # it imports but does not install on Python >= 3.9 (tensorflow/datasets#11212).
-  url_infos = None
   BUILDER_CONFIGS = [
       mqar_config(MqarTask(), num_train=100_000, num_test=3_000, seed=0)
   ]
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    seq = (self.builder_config.task.seq_len,)
-    # DatasetInfo directly rather than `dataset_info_from_configs`, which
-    # reads metadata files next to this module.
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.builder_config.description,
-        features=tfds.features.FeaturesDict({
-            "inputs": tfds.features.Tensor(shape=seq, dtype=np.int32),
-            "labels": tfds.features.Tensor(shape=seq, dtype=np.int32),
-        }),
-        homepage="https://arxiv.org/abs/2312.04927",
-        # Keep the generator's order so that example i of a split is example i
-        # of `generate_mqar` with the split's seed.
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    config = self.builder_config
-    sizes = {"train": config.num_train, "test": config.num_test}
-    return {split: self._generate_examples(split, sizes[split]) for split in SPLITS}
-
-  def _generate_examples(self, split: str, num_examples: int):
-    config = self.builder_config
-    arrays = generate_mqar(config.task, num_examples, split_seed(config.seed, split))
-    for i in range(num_examples):
-      yield i, {"inputs": arrays["inputs"][i], "labels": arrays["labels"][i]}
+  generate = staticmethod(generate_mqar)
+  length_field = "seq_len"
+  homepage = "https://arxiv.org/abs/2312.04927"
 
 
 def mqar_builder(
@@ -154,9 +104,7 @@ def mqar_builder(
     The builder.
   """
   config = mqar_config(task, num_train=num_train, num_test=num_test, seed=seed)
-  # TFDS refuses a custom config that shares the name of a predefined one.
-  config = MqarDataset.builder_configs.get(config.name, config)
-  return MqarDataset(data_dir=data_dir, config=config)
+  return generated_tfds.builder(MqarDataset, config, data_dir)
 
 
 def load_mqar(
@@ -177,17 +125,13 @@ def load_mqar(
     num_train: Number of train examples.
     num_test: Number of test examples.
     seed: Seed of the dataset; the split's examples are
-      `generate_mqar(task, n, split_seed(seed, split))`.
+      `generate_mqar(task, n, generated_tfds.split_seed(seed, split))`.
 
   Returns:
     A TFDS array_record data source: `len(source)` examples, `source[i]` is
     {"inputs": int32 [seq_len], "labels": int32 [seq_len]}.
   """
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   builder = mqar_builder(
       task, data_dir=data_dir, num_train=num_train, num_test=num_test, seed=seed
   )
-  # A no-op when this config is already built.
-  builder.download_and_prepare(file_format="array_record")
-  return builder.as_data_source()[split]
+  return generated_tfds.load_split(builder, split)

@@ -13,11 +13,9 @@ directory under `data_dir/sniah/`, with neither TensorFlow nor a download.
 import dataclasses
 import os
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from memjax.data.mqar_tfds import SPLITS
-from memjax.data.mqar_tfds import split_seed
+from memjax.data import generated_tfds
 from memjax.data.sniah import SniahTask
 from memjax.data.sniah import generate_sniah
 
@@ -32,7 +30,7 @@ class SniahConfig(tfds.core.BuilderConfig):
     task: The S-NIAH task.
     num_train: Number of examples of the train split.
     num_test: Number of examples of the test split.
-    seed: Seed from which the seed of each split is derived (`split_seed`).
+    seed: Seed from which each split's seed is derived (`generated_tfds.split_seed`).
   """
 
   task: SniahTask = SniahTask()
@@ -73,44 +71,18 @@ def sniah_config(
   )
 
 
-class SniahDataset(tfds.core.GeneratorBasedBuilder):
+class SniahDataset(generated_tfds.GeneratedSplits, tfds.core.GeneratorBasedBuilder):
   """Single needle-in-a-haystack (RULER S-NIAH, arXiv 2404.06654), byte tokens."""
 
   name = "sniah"
   # Bump when `generate_sniah` changes the examples of a given seed.
   VERSION = tfds.core.Version("1.0.0")
-  # No download, so no URL checksums; see MqarDataset for why this is said.
-  url_infos = None
   BUILDER_CONFIGS = [
       sniah_config(SniahTask(), num_train=20_000, num_test=500, seed=0)
   ]
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    seq = (self.builder_config.task.context_length,)
-    # DatasetInfo directly, as MqarDataset does: no metadata files to read.
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.builder_config.description,
-        features=tfds.features.FeaturesDict({
-            "inputs": tfds.features.Tensor(shape=seq, dtype=np.int32),
-            "labels": tfds.features.Tensor(shape=seq, dtype=np.int32),
-        }),
-        homepage="https://arxiv.org/abs/2404.06654",
-        # Example i of a split is example i of `generate_sniah`.
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    config = self.builder_config
-    sizes = {"train": config.num_train, "test": config.num_test}
-    return {split: self._generate_examples(split, sizes[split]) for split in SPLITS}
-
-  def _generate_examples(self, split: str, num_examples: int):
-    config = self.builder_config
-    arrays = generate_sniah(config.task, num_examples, split_seed(config.seed, split))
-    for i in range(num_examples):
-      yield i, {"inputs": arrays["inputs"][i], "labels": arrays["labels"][i]}
+  generate = staticmethod(generate_sniah)
+  length_field = "context_length"
+  homepage = "https://arxiv.org/abs/2404.06654"
 
 
 def sniah_builder(
@@ -134,9 +106,7 @@ def sniah_builder(
     The builder.
   """
   config = sniah_config(task, num_train=num_train, num_test=num_test, seed=seed)
-  # TFDS refuses a custom config that shares the name of a predefined one.
-  config = SniahDataset.builder_configs.get(config.name, config)
-  return SniahDataset(data_dir=data_dir, config=config)
+  return generated_tfds.builder(SniahDataset, config, data_dir)
 
 
 def load_sniah(
@@ -157,17 +127,13 @@ def load_sniah(
     num_train: Number of train examples.
     num_test: Number of test examples.
     seed: Seed of the dataset; the split's examples are
-      `generate_sniah(task, n, split_seed(seed, split))`.
+      `generate_sniah(task, n, generated_tfds.split_seed(seed, split))`.
 
   Returns:
     A TFDS array_record data source: `len(source)` examples, `source[i]` is
     {"inputs": int32 [context_length], "labels": int32 [context_length]}.
   """
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   builder = sniah_builder(
       task, data_dir=data_dir, num_train=num_train, num_test=num_test, seed=seed
   )
-  # A no-op when this config is already built.
-  builder.download_and_prepare(file_format="array_record")
-  return builder.as_data_source()[split]
+  return generated_tfds.load_split(builder, split)
