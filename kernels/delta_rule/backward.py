@@ -27,9 +27,8 @@ the kernels).
 
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
-from jax import lax
 
-from memjax.kernels.delta_rule.common import decay_matrix, mm, mm_nt, mm_tn
+from memjax.kernels.delta_rule.common import decay_matrix, last_token, mm, mm_nt, mm_tn
 
 
 def state_grad_chunk(q, k, w, do, gamma, gamma_last, dstate, scale, precise):
@@ -53,12 +52,6 @@ def state_grad_chunk(q, k, w, do, gamma, gamma_last, dstate, scale, precise):
   if w is not None:
     dprev = dprev - mm_tn(w, dv_new, precise)
   return dprev, dv_new
-
-
-def _last_row(chunk, value):
-  """[C] float32: `value` at the chunk's last token, zero elsewhere."""
-  rows = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-  return jnp.where(rows == chunk - 1, value, 0.0)
 
 
 def qk_grads_chunk(load, gamma, gamma_last, store, *, value_dim, value_block, scale,
@@ -102,7 +95,7 @@ def qk_grads_chunk(load, gamma, gamma_last, store, *, value_dim, value_block, sc
   dk = mm_tn(dscores, q, precise) + dk_decayed
   qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
   to_last = jnp.exp(gamma_last) * through_last + jnp.sum(dk_decayed * kf)
-  dgamma = jnp.sum(qf * dq - kf * dk, axis=1) + _last_row(chunk, to_last)
+  dgamma = jnp.sum(qf * dq - kf * dk, axis=1) + last_token(chunk, to_last)
   store("dq", dq)
   store("dk", dk)
   store("dgamma", dgamma)

@@ -131,6 +131,12 @@ def mm_tn(a, b, precise):
   return mm(a, b, precise, ((0,), (0,)))
 
 
+def last_token(chunk, value):
+  """[C] float32: `value` at the chunk's last token, zero elsewhere."""
+  rows = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+  return jnp.where(rows == chunk - 1, value, 0.0)
+
+
 def decay_matrix(gamma_rows, gamma_cols, causal):
   """`exp(gamma_i - gamma_j)` for row tokens i and column tokens j.
 

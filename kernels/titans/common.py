@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 from jax import lax
 
-from memjax.kernels.delta_rule.common import mm, mm_nt, mm_tn
+from memjax.kernels.delta_rule.common import last_token, mm, mm_nt, mm_tn
 
 CHUNK_SIZES = (16, 32, 64)
 HEAD_DIMS = (64, 128)
@@ -81,12 +81,6 @@ def unsupported(q: jax.Array, v: jax.Array, depth: int, loss: str, retention: st
   if q.dtype not in (jnp.float32, jnp.bfloat16):
     return f"needs float32 or bfloat16 inputs, got {q.dtype}"
   return None
-
-
-def _last(chunk, value):
-  """[C] float32: `value` at the chunk's last token, zero elsewhere."""
-  rows = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-  return jnp.where(rows == chunk - 1, value, 0.0)
 
 
 def _error(k, v, anchor, precise):
@@ -197,5 +191,5 @@ def input_grads_chunk(load, x, value_dim, value_block, precise):
   return dict(
       dq=dq + mm(dqk, k, precise), dk=dk + mm_tn(dqk, q, precise),
       dcw=dscores * qk + jnp.where(rows == chunk - 1, to_last_row[None, :], 0.0),
-      dd=dd + _last(chunk, to_last["d"]), db=db + _last(chunk, to_last["b"]), dcs=dcs,
-      de=_last(chunk, to_last["e"]))
+      dd=dd + last_token(chunk, to_last["d"]), db=db + last_token(chunk, to_last["b"]), dcs=dcs,
+      de=last_token(chunk, to_last["e"]))
