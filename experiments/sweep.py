@@ -42,13 +42,27 @@ context length:
 
 `--config.<section>.<field>=<value>` overrides the base config as in
 experiments/train.py, e.g. `--config.train.num_steps=3000`.
+
+`--workers=N` trains N runs at a time, each worker a process of its own that takes
+the next run no other worker has claimed; on a host with N GPUs add
+`--worker_devices=0,1,...` to give each worker one GPU. The sequence-256 half of the
+MQAR figure with the memory layers added, on an 8-GPU host:
+
+  python experiments/sweep.py --config=experiments/configs/mqar.py:gpu \
+      --grid='model.mixers=attn,attn|linear,linear|deltanet,deltanet|gdn,gdn|lmm,lmm|mom,mom' \
+      --grid='model.d_model=64,128,256' --grid='data.seq_len=256;data.num_kv_pairs=16,64' \
+      --workers=8 --worker_devices=0,1,2,3,4,5,6,7 --workdir=/tmp/memjax/zoology
 """
 
 import copy
 import csv
+import fcntl
 import itertools
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 from typing import Any, Sequence
 
@@ -75,6 +89,18 @@ _WORKDIR = flags.DEFINE_string(
 )
 _CSV = flags.DEFINE_string(
     "csv", None, "The results table; None means <workdir>/results.csv."
+)
+_WORKERS = flags.DEFINE_integer(
+    "workers", 1, "Runs trained at the same time, each in its own process."
+)
+_WORKER_DEVICES = flags.DEFINE_list(
+    "worker_devices",
+    None,
+    "One CUDA_VISIBLE_DEVICES value per worker (e.g. `0,1,2,3`): one GPU each. "
+    "None leaves the devices to the workers (CPU runs).",
+)
+_WORKER_INDEX = flags.DEFINE_integer(
+    "worker_index", -1, "Set by the sweep for the processes it starts; not for users."
 )
 
 METRICS = ("eval/accuracy", "eval/loss", "eval/exact_match")
@@ -205,7 +231,12 @@ def configure(base: Any, point: dict[str, Any]) -> Any:
 
 
 def sweep(
-    base: Any, grid: dict[str, list[Any]], workdir: str, csv_path: str
+    base: Any,
+    grid: dict[str, list[Any]],
+    workdir: str,
+    csv_path: str,
+    *,
+    shared: bool = False,
 ) -> list[str]:
   """Trains every grid point missing from the CSV and appends its row.
 
@@ -214,6 +245,9 @@ def sweep(
     grid: {dotted field: [values]}, as from `parse_grid`.
     workdir: Run `name` trains in `<workdir>/<name>`.
     csv_path: The results table, created with a header if absent.
+    shared: Other processes run the same sweep at the same time (the workers
+      of `run_workers`): a run is trained only by the process that claims it
+      first, with a file in `<workdir>/.claims`.
 
   Returns:
     The names of the runs trained by this call (not the skipped ones).
@@ -234,6 +268,9 @@ def sweep(
     if _row_key(point) in done:
       print(f"{progress}: in {csv_path}, skipped", flush=True)
       continue
+    if shared and not _claim(workdir, name):
+      print(f"{progress}: taken by another worker", flush=True)
+      continue
     run_dir = os.path.join(workdir, name)
     print(f"{progress}: training in {run_dir}", flush=True)
     start = time.perf_counter()
@@ -250,6 +287,74 @@ def sweep(
   print(f"{len(trained)} runs trained, {len(points) - len(trained)} skipped; "
         f"results in {csv_path}", flush=True)
   return trained
+
+
+def run_workers(
+    grid: dict[str, list[Any]],
+    workdir: str,
+    csv_path: str,
+    worker_args: Sequence[str],
+    workers: int,
+    devices: Sequence[str] | None = None,
+) -> None:
+  """Runs the sweep in `workers` processes that share its grid, one run each at a time.
+
+  Each worker is this binary with `worker_args` and its `--worker_index`; it
+  walks the grid in order and trains every run no one has claimed, so runs of
+  different cost balance over the workers by themselves. On a multi-GPU host,
+  `devices` gives each worker its own GPU: small models rarely fill one, and
+  processes sharing a GPU wait on each other's kernels.
+
+  Args:
+    grid: {dotted field: [values]}, as from `parse_grid`.
+    workdir: The sweep's workdir; claims go to `<workdir>/.claims`.
+    csv_path: The results table; its header is written here, before any worker
+      can append a row.
+    worker_args: The command-line flags of this sweep, passed to each worker.
+    workers: The number of processes, >= 1.
+    devices: None, or one CUDA_VISIBLE_DEVICES value per worker.
+
+  Raises:
+    ValueError: for `workers` < 1 or a `devices` list of another length.
+    RuntimeError: naming the workers that exited with an error.
+  """
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}.")
+  if devices is not None and len(devices) != workers:
+    raise ValueError(
+        f"worker_devices must give one device per worker: {workers} workers, "
+        f"got {list(devices)}."
+    )
+  columns = [*grid, *METRICS, WALL_SECONDS]
+  _finished_runs(csv_path, columns, list(grid))  # Refuses another sweep's table.
+  if not os.path.exists(csv_path) or not os.path.getsize(csv_path):
+    _append_row(csv_path, columns, None)
+  # Claims of a sweep that was killed would keep its unfinished runs from ever
+  # being trained; the runs themselves resume from their checkpoints.
+  shutil.rmtree(os.path.join(workdir, ".claims"), ignore_errors=True)
+  processes = []
+  for index in range(workers):
+    env = dict(os.environ)
+    if devices is not None:
+      env["CUDA_VISIBLE_DEVICES"] = devices[index]
+    command = [sys.executable, os.path.abspath(__file__), *worker_args,
+               f"--worker_index={index}"]
+    processes.append(subprocess.Popen(command, env=env))
+  failed = [index for index, p in enumerate(processes) if p.wait() != 0]
+  if failed:
+    raise RuntimeError(f"sweep workers {failed} failed; their output is above.")
+  print(f"{workers} workers done; results in {csv_path}", flush=True)
+
+
+def _claim(workdir: str, name: str) -> bool:
+  """Claims run `name` for this process; False if another process has it."""
+  claims = os.path.join(workdir, ".claims")
+  os.makedirs(claims, exist_ok=True)
+  try:
+    os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL))
+  except FileExistsError:
+    return False
+  return True
 
 
 def _row_key(point: dict[str, Any]) -> tuple[str, ...]:
@@ -273,16 +378,19 @@ def _finished_runs(
     return {tuple(row[field] for field in fields) for row in reader}
 
 
-def _append_row(csv_path: str, columns: list[str], row: list[Any]) -> None:
-  """Appends one row, writing the header first into a new file."""
-  # Written and closed per run: a killed sweep keeps every finished row.
+def _append_row(csv_path: str, columns: list[str], row: list[Any] | None) -> None:
+  """Appends one row (None: none), writing the header first into a new file."""
+  # Written and closed per run: a killed sweep keeps every finished row. The
+  # lock keeps rows of concurrent workers whole.
   os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-  new = not os.path.exists(csv_path) or not os.path.getsize(csv_path)
   with open(csv_path, "a", newline="") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.seek(0, os.SEEK_END)
     writer = csv.writer(f)
-    if new:
+    if not f.tell():
       writer.writerow(columns)
-    writer.writerow(row)
+    if row is not None:
+      writer.writerow(row)
 
 
 def main(argv):
@@ -293,7 +401,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   grid = parse_grid(_GRID.value, _CONFIG.value)
   csv_path = _CSV.value or os.path.join(_WORKDIR.value, "results.csv")
-  sweep(_CONFIG.value, grid, _WORKDIR.value, csv_path)
+  if _WORKERS.value > 1 and _WORKER_INDEX.value < 0:
+    run_workers(grid, _WORKDIR.value, csv_path, sys.argv[1:],
+                _WORKERS.value, _WORKER_DEVICES.value)
+  else:
+    sweep(_CONFIG.value, grid, _WORKDIR.value, csv_path,
+          shared=_WORKER_INDEX.value >= 0)
 
 
 if __name__ == "__main__":

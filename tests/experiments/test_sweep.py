@@ -2,6 +2,7 @@
 resumes by skipping its finished runs, and the grouping and drawing of its CSV."""
 
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -156,6 +157,31 @@ def test_rerunning_the_binary_skips_finished_runs(tiny_sweep):
   assert "[2/2] mixers-gdn__d_model-32: in" in done.stdout
   assert "0 runs trained, 2 skipped" in done.stdout, done.stdout
   assert csv_path.read_text() == before
+
+
+def test_workers_share_the_grid_and_write_each_row_once(tmp_path):
+  grid = ["model.mixers=attn|gdn|linear", "model.d_model=32"]
+  done = subprocess.run(
+      [sys.executable, str(ROOT / "experiments/sweep.py"),
+       "--config=experiments/configs/mqar.py:tiny", f"--workdir={tmp_path}",
+       f"--grid={';'.join(grid)}", "--workers=2",
+       *(f"--config.{field}={value}" for field, value in _OVERRIDES.items())],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "2 workers done" in done.stdout, done.stdout
+  rows = plot.read_rows(str(tmp_path / "results.csv"))
+  assert sorted(r["model.mixers"] for r in rows) == ["attn", "gdn", "linear"]
+  # Every run was trained by exactly one worker.
+  trained = [line for line in done.stdout.splitlines() if ": training in " in line]
+  assert len(trained) == 3, done.stdout
+  assert sorted(os.listdir(tmp_path / ".claims")) == [
+      "mixers-attn__d_model-32", "mixers-gdn__d_model-32", "mixers-linear__d_model-32"
+  ]
+
+
+def test_worker_devices_must_match_the_workers():
+  with pytest.raises(ValueError, match="one device per worker: 2 workers"):
+    sweep.run_workers({"model.d_model": [32]}, "/unused", "/unused.csv", [], 2, ["0"])
 
 
 def test_a_csv_of_another_grid_is_refused(tiny_sweep):
