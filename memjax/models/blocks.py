@@ -12,9 +12,16 @@ from memjax.models.mixers import MixerSettings
 from memjax.nn import ProductKeyValues
 from memjax.nn import RMSNorm
 
+# The logical axes of the residual stream [B, T, D] between blocks.
+ACTIVATION_AXES = ("batch", "seq", "embed")
+
 
 class DecoderBlock(nn.Module):
   """Pre-norm residual block: `x + mixer(norm(x))`, then `x + ffn(norm(x))`.
+
+  The residual stream is constrained to `ACTIVATION_AXES` where the block takes and gives
+  it: under `flax.linen.logical_axis_rules` and a mesh (`memjax.train` runs the steps so),
+  it is laid out as the rules say; elsewhere the constraint does nothing.
 
   Attributes:
     mixer_name: a name from `memjax.models.MIXERS`.
@@ -47,9 +54,11 @@ class DecoderBlock(nn.Module):
     Returns:
       `(x, state)`: [B, T, D] and the mixer's new state (None when `state` is None).
     """
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     y, new_state = self.mixer(self.mixer_norm(x), state)
     x = x + y
     x = x + self.ffn(self.ffn_norm(x))
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     return x, None if state is None else new_state
 
   def init_state(self, batch_size: int, max_length: Optional[int]) -> Any:

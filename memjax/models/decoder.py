@@ -15,6 +15,11 @@ Consecutive identical (mixer, ffn) layers are one `nn.scan` over stacked paramet
 Parameters: `embed`, then per run `layer_<i>` (one block) or `layers_<first>_<last>` (a
 scanned run, every leaf with a leading layer axis), `final_norm`, `head` (untied only) and
 `pkm_values` (a shared product-key table only).
+
+Every parameter carries logical axis names (see `memjax.nn.partitioning`): the embedding
+[V, D] is (None, "embed") and the untied head [D, V] ("embed", None), so the vocabulary is
+never split; a scanned run's leading layer axis is "layers". `init` returns them boxed;
+`flax.linen.unbox` gives plain arrays, and `apply` takes either.
 """
 
 from typing import Any, List, Optional, Tuple
@@ -33,6 +38,8 @@ from memjax.models.mixers import MixerSettings
 from memjax.models.mixers import parse_mixers
 from memjax.nn import ProductKeyValues
 from memjax.nn import RMSNorm
+from memjax.nn.partitioning import dense
+from memjax.nn.partitioning import partitioned
 
 # One entry per layer run: the mixer state of a single block, or the states of a scanned
 # run's blocks stacked on a leading layer axis.
@@ -97,8 +104,8 @@ class DecoderLM(nn.Module):
 
   def setup(self):
     layers = self.layers
-    self.embed = nn.Embed(self.vocab_size, self.d_model,
-                          embedding_init=nn.initializers.normal(stddev=self.d_model ** -0.5))
+    self.embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=partitioned(
+        nn.initializers.normal(stddev=self.d_model ** -0.5), (None, "embed")))
     self.pkm_values = (ProductKeyValues(self.pkm_n_keys ** 2, self.d_model)
                        if self._shares_values() else None)
     mixer_settings = MixerSettings(
@@ -115,7 +122,7 @@ class DecoderLM(nn.Module):
         for run in self.runs())
     self.final_norm = RMSNorm()
     if not self.tie_embeddings:
-      self.head = nn.Dense(self.vocab_size, use_bias=False)
+      self.head = dense(self.vocab_size, ("embed", None))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Next-token logits of whole sequences.

@@ -12,6 +12,10 @@ differ only in the memory rule they call:
 
 State is explicit: `y, state = layer.apply(params, x, state)`, where the state holds the
 short-convolution windows and the float32 memory [B, H, K, V].
+
+Logical axes of the parameters: the projections into heads [D, H * K] ("embed", "heads"),
+the output projection [H * V, D] ("heads", "embed"), the per-head `A_log` and `dt_bias`
+("heads",), so tensor parallelism gives each device whole heads.
 """
 
 import math
@@ -25,6 +29,8 @@ from memjax import ops
 from memjax.nn.conv import ShortConvolution
 from memjax.nn.norms import GatedRMSNorm
 from memjax.nn.norms import l2_normalize
+from memjax.nn.partitioning import dense
+from memjax.nn.partitioning import partitioned
 
 
 class AssociativeMemoryState(NamedTuple):
@@ -109,8 +115,9 @@ class AssociativeMemory(nn.Module):
     h, k, v = self.num_heads, self.head_dim, self.value_dim
     if state is None:
       state = self.init_state(b)
-    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
-    q, kk, vv = dense(h * k, "q_proj")(x), dense(h * k, "k_proj")(x), dense(h * v, "v_proj")(x)
+    into_heads = lambda n, name: dense(n, ("embed", "heads"), name=name)
+    q, kk, vv = (into_heads(h * k, "q_proj")(x), into_heads(h * k, "k_proj")(x),
+                 into_heads(h * v, "v_proj")(x))
     conv_q, conv_k, conv_v = state.conv_q, state.conv_k, state.conv_v
     if self.conv_size > 0:
       q, conv_q = ShortConvolution(self.conv_size, name="q_conv")(q, conv_q)
@@ -121,17 +128,18 @@ class AssociativeMemory(nn.Module):
     vv = vv.reshape(b, t, h, v)
     beta = None
     if self.use_beta:
-      beta = jax.nn.sigmoid(dense(h, "beta_proj")(x).astype(jnp.float32))
+      beta = jax.nn.sigmoid(into_heads(h, "beta_proj")(x).astype(jnp.float32))
     g = None
     if self.use_decay:
-      a_log = self.param("A_log", _a_log_init, (h,))
-      dt_bias = self.param("dt_bias", _decay_bias_init(), (h,))
-      g = -jnp.exp(a_log) * jax.nn.softplus(dense(h, "a_proj")(x).astype(jnp.float32) + dt_bias)
+      a_log = self.param("A_log", partitioned(_a_log_init, ("heads",)), (h,))
+      dt_bias = self.param("dt_bias", partitioned(_decay_bias_init(), ("heads",)), (h,))
+      g = -jnp.exp(a_log) * jax.nn.softplus(
+          into_heads(h, "a_proj")(x).astype(jnp.float32) + dt_bias)
 
     o, memory = self._memory(q, kk, vv, beta, g, state.memory)
-    gate = dense(h * v, "gate_proj")(x).reshape(b, t, h, v)
+    gate = into_heads(h * v, "gate_proj")(x).reshape(b, t, h, v)
     y = GatedRMSNorm(name="out_norm")(o, gate).reshape(b, t, h * v)
-    y = dense(d, "out_proj")(y)
+    y = dense(d, ("heads", "embed"), name="out_proj")(y)
     return y, AssociativeMemoryState(conv_q, conv_k, conv_v, memory)
 
   def _memory(self, q, k, v, beta, g, memory):

@@ -16,6 +16,10 @@ Full attention caches the rotary-applied keys and values of token `p` in slot `p
 token `p < P` in slot `p`, never overwritten, and the last `window - 1` later tokens in a
 ring buffer after it (token `p >= P` in slot `P + (p - P) mod (window - 1)`): those are all
 a later token can see.
+
+Parameters: `qkv_proj` [D, 3, H, K] with logical axes ("embed", None, "heads", None), so
+tensor parallelism gives each device the q, k and v of whole heads, and `out_proj`
+[H * K, D] ("heads", "embed").
 """
 
 from typing import NamedTuple, Optional
@@ -23,6 +27,9 @@ from typing import NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from memjax.nn.partitioning import dense
+from memjax.nn.partitioning import split_dense
 
 
 class AttentionState(NamedTuple):
@@ -155,7 +162,7 @@ class CausalSelfAttention(nn.Module):
     h, hd = self.num_heads, self.head_dim
     if state is not None:
       self._check_state(state, b)
-    qkv = nn.Dense(3 * h * hd, use_bias=False, name="qkv_proj")(x).reshape(b, t, 3, h, hd)
+    qkv = split_dense(d, (3, h, hd), ("embed", None, "heads", None), name="qkv_proj")(x)
     start = 0 if state is None else state.position
     positions = start + jnp.arange(t, dtype=jnp.int32)
     q = rotary_embedding(qkv[:, :, 0], positions, self.rope_base)
@@ -171,7 +178,7 @@ class CausalSelfAttention(nn.Module):
       o, state = self._attend_full_cache(q, k, v, positions, state)
     else:
       o, state = self._attend_ring_cache(q, k, v, positions, state)
-    return nn.Dense(d, use_bias=False, name="out_proj")(o.reshape(b, t, h * hd)), state
+    return dense(d, ("heads", "embed"), name="out_proj")(o.reshape(b, t, h * hd)), state
 
   def _check_state(self, state: AttentionState, batch_size: int) -> None:
     """Raises ValueError unless `state` fits this layer and a batch of `batch_size`."""

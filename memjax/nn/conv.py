@@ -1,8 +1,12 @@
 """Causal depthwise short convolution with an explicit state, for the memory mixers."""
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from memjax.nn.partitioning import partitioned
 
 
 class ShortConvolution(nn.Module):
@@ -12,10 +16,16 @@ class ShortConvolution(nn.Module):
   `kernel_size - 1` inputs, so a sequence run in pieces (or token by token) gives the same
   outputs as the whole sequence.
 
+  The kernel [kernel_size, C] has logical axes (None, `channel_axis`): the convolution
+  is per channel, so its channels split as the projection before it splits them.
+
   Attributes:
     kernel_size: width of the convolution window (4 in the Gated DeltaNet paper).
+    channel_axis: logical name of the channels, "heads" for the H * K channels of a
+      per-head projection (None: never split).
   """
   kernel_size: int = 4
+  channel_axis: Optional[str] = "heads"
 
   @nn.compact
   def __call__(self, x: jax.Array, state: jax.Array):
@@ -31,8 +41,9 @@ class ShortConvolution(nn.Module):
     """
     width = self.kernel_size
     channels = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1),
-                         (width, channels), jnp.float32)
+    init = partitioned(nn.initializers.lecun_normal(in_axis=0, out_axis=1),
+                       (None, self.channel_axis))
+    kernel = self.param("kernel", init, (width, channels), jnp.float32)
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
     length = x.shape[1]
     # The window is short, so a sum of shifted slices is cheaper than a general conv.

@@ -22,6 +22,11 @@ Where the behaviour differs from hflayers, and why:
 * A stored pattern row that is fully masked retrieves zeros instead of NaN.
 * With `update_steps_max=None` the gradient is the implicit one at the fixed point (see
   `memjax.ops.hopfield`), not backpropagation through every step.
+
+Logical axes of the parameters: the projections into heads [D, H * K] ("embed", "heads"),
+the output projection [H * V, D_out] ("heads", "embed"), per-head vectors and bias patterns
+("heads", ...), the norms of the inputs ("embed",) and of each head's Hopfield space (None,),
+the learned patterns [1, quantity, D] (None, None, "embed").
 """
 
 import math
@@ -31,11 +36,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memjax.nn import partitioning
 from memjax.ops import hopfield as hopfield_ops
 
 Input = Union[jax.Array, Tuple[jax.Array, jax.Array, jax.Array]]
 
 _INIT = nn.initializers.normal(0.02)  # hflayers initialises every weight with N(0, 0.02).
+
+
+def _param(module: nn.Module, name: str, init, shape, names):
+  """`module.param` with logical axis names (see `memjax.nn.partitioning`)."""
+  return module.param(name, partitioning.partitioned(init, names), shape)
 
 
 def _activation(name: Optional[str]):
@@ -229,7 +240,8 @@ class Hopfield(nn.Module):
     def layer_norm(x, on, affine, eps, name):
       if not on:
         return x
-      return nn.LayerNorm(epsilon=eps, use_scale=affine, use_bias=affine, name=name)(x)
+      return partitioning.layer_norm(("embed",), epsilon=eps, use_scale=affine,
+                                     use_bias=affine, name=name)(x)
 
     stored = layer_norm(stored, self.normalize_stored_pattern,
                         self.normalize_stored_pattern_affine,
@@ -240,7 +252,8 @@ class Hopfield(nn.Module):
                             self.normalize_pattern_projection_affine,
                             self.normalize_pattern_projection_eps, "norm_pattern_projection")
 
-    dense = lambda n, name: nn.Dense(n, use_bias=self.input_bias, kernel_init=_INIT, name=name)
+    dense = lambda n, name: partitioning.dense(n, ("embed", "heads"), use_bias=self.input_bias,
+                                               kernel_init=_INIT, name=name)
     heads = lambda x, d: x.reshape(x.shape[:2] + (h, d))
     replicate = lambda x: jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (h, x.shape[-1]))
 
@@ -263,10 +276,10 @@ class Hopfield(nn.Module):
 
     if self.normalize_hopfield_space:
       # One layer norm, shared by state and stored patterns, over each head's depth.
-      norm = nn.LayerNorm(epsilon=self.normalize_hopfield_space_eps,
-                          use_scale=self.normalize_hopfield_space_affine,
-                          use_bias=self.normalize_hopfield_space_affine,
-                          name="norm_hopfield_space")
+      norm = partitioning.layer_norm((None,), epsilon=self.normalize_hopfield_space_eps,
+                                     use_scale=self.normalize_hopfield_space_affine,
+                                     use_bias=self.normalize_hopfield_space_affine,
+                                     name="norm_hopfield_space")
       q, k = norm(q), norm(k)
 
     extra = []
@@ -274,8 +287,9 @@ class Hopfield(nn.Module):
       if self.stored_pattern_as_static or self.pattern_projection_as_static:
         raise ValueError("concat_bias_pattern needs projected (not static) stored patterns "
                          "and pattern projections")
-      bias_k = self.param("bias_stored_pattern", _INIT, (h, head_dim))
-      bias_v = self.param("bias_pattern_projection", _INIT, (h, pattern_dim))
+      bias_k = _param(self, "bias_stored_pattern", _INIT, (h, head_dim), ("heads", None))
+      bias_v = _param(self, "bias_pattern_projection", _INIT, (h, pattern_dim),
+                      ("heads", None))
       extra.append((bias_k, bias_v))
     if self.add_zero_association:
       extra.append((jnp.zeros((h, k.shape[-1])), jnp.zeros((h, v.shape[-1]))))
@@ -288,15 +302,15 @@ class Hopfield(nn.Module):
     default_scaling = 1.0 if self.static_execution else 1.0 / math.sqrt(head_dim)
     scaling = default_scaling if self.scaling is None else self.scaling
     if self.scaling_trainable:
-      scaling = self.param("scaling", lambda _, shape: jnp.broadcast_to(
-          jnp.asarray(scaling, jnp.float32), shape), (h,))
+      scaling = _param(self, "scaling", lambda _, shape: jnp.broadcast_to(
+          jnp.asarray(scaling, jnp.float32), shape), (h,), ("heads",))
     alpha = self.alpha
     if self.alpha_trainable:
       if not 1.0 < self.alpha < 2.0:
         raise ValueError(f"a trainable alpha starts inside (1, 2), got {self.alpha}")
       logit = math.log((self.alpha - 1.0) / (2.0 - self.alpha))
-      alpha = 1.0 + jax.nn.sigmoid(self.param("alpha_logit", nn.initializers.constant(logit),
-                                              (h,)))
+      alpha = 1.0 + jax.nn.sigmoid(_param(self, "alpha_logit", nn.initializers.constant(logit),
+                                          (h,), ("heads",)))
 
     use_dropout = self.dropout > 0.0 and not deterministic
     result = hopfield_ops.hopfield_retrieval(
@@ -310,8 +324,9 @@ class Hopfield(nn.Module):
     out, p = result if return_association else (result, None)
     out = out.reshape(b, l, h * out.shape[-1])
     if not self.disable_out_projection:
-      out = nn.Dense(self.output_size or input_size, use_bias=self.input_bias,
-                     kernel_init=_INIT, name="out_proj")(out)
+      out = partitioning.dense(self.output_size or input_size, ("heads", "embed"),
+                               use_bias=self.input_bias, kernel_init=_INIT,
+                               name="out_proj")(out)
     activation = _activation(self.association_activation)
     if activation is not None:
       out = activation(out)
@@ -361,7 +376,10 @@ class HopfieldPooling(Hopfield):
     _check_patterns("stored_pattern", stored)
     size = (self.hidden_size if self.state_pattern_as_static else self.input_size) or (
         self.input_size or stored.shape[-1])
-    weights = self.param("pooling_weights", _INIT, (1, self.quantity, size))
+    # A static state pattern has the depth of one head, which is never split.
+    depth_axis = None if self.state_pattern_as_static else "embed"
+    weights = _param(self, "pooling_weights", _INIT, (1, self.quantity, size),
+                     (None, None, depth_axis))
     if not self.trainable:
       weights = jax.lax.stop_gradient(weights)
     state = jnp.broadcast_to(weights, (stored.shape[0],) + weights.shape[1:])
@@ -401,7 +419,9 @@ class HopfieldLayer(Hopfield):
       raise ValueError("stored_pattern_as_static needs hidden_size for the lookup weights")
 
     def learned(name, depth, trainable):
-      w = self.param(name, _INIT, (1, self.quantity, depth))
+      # Static stored patterns have the depth of one head, which is never split.
+      depth_axis = None if self.stored_pattern_as_static else "embed"
+      w = _param(self, name, _INIT, (1, self.quantity, depth), (None, None, depth_axis))
       w = w if trainable else jax.lax.stop_gradient(w)
       return jnp.broadcast_to(w, (input.shape[0],) + w.shape[1:])
 

@@ -17,6 +17,13 @@ release instead convolves each memory's own routed sub-sequence.
 
 The router logits are sown as `intermediates/router_logits` [B, T, M] for auxiliary losses
 (e.g. load balancing): `layer.apply(params, x, mutable=["intermediates"])`.
+
+Logical axes of the parameters: the per-head ones (q and gate projections [D, H * K],
+`A_log`, `dt_bias`, the output projection [H * V, D]) split over "heads" as in
+`memjax.nn.associative`. The per-memory projections (k, v [D, E * H * K], beta and a
+[D, E * H]) and the router [D, M] keep their outputs whole (None): their outputs are
+memory-major, so an even split of them would not give each device whole heads (and E * H
+counts the shared memory, which mesh sizes rarely divide).
 """
 
 from typing import NamedTuple, Optional
@@ -31,6 +38,8 @@ from memjax.nn.associative import _decay_bias_init
 from memjax.nn.conv import ShortConvolution
 from memjax.nn.norms import GatedRMSNorm
 from memjax.nn.norms import l2_normalize
+from memjax.nn.partitioning import dense
+from memjax.nn.partitioning import partitioned
 
 
 class MixtureOfMemoriesState(NamedTuple):
@@ -119,28 +128,30 @@ class MixtureOfMemories(nn.Module):
     if state is None:
       state = self.init_state(b)
     self._check_state(state, b)
-    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
+    into_heads = lambda n, name: dense(n, ("embed", "heads"), name=name)
+    per_memory = lambda n, name: dense(n, ("embed", None), name=name)
 
-    logits = dense(self.num_memories, "router")(x).astype(jnp.float32)
+    logits = per_memory(self.num_memories, "router")(x).astype(jnp.float32)
     self.sow("intermediates", "router_logits", logits)
     weights = ops.top_k_routing(logits, self.top_k)  # [B, T, M]
     if self.shared_memory:
       weights = jnp.concatenate([weights, jnp.ones((b, t, 1), weights.dtype)], axis=-1)
 
-    q = dense(h * k, "q_proj")(x)
-    kk, vv = dense(e * h * k, "k_proj")(x), dense(e * h * v, "v_proj")(x)
+    q = into_heads(h * k, "q_proj")(x)
+    kk, vv = per_memory(e * h * k, "k_proj")(x), per_memory(e * h * v, "v_proj")(x)
     conv_q, conv_k, conv_v = state.conv_q, state.conv_k, state.conv_v
     if self.conv_size > 0:
       q, conv_q = ShortConvolution(self.conv_size, name="q_conv")(q, conv_q)
-      kk, conv_k = ShortConvolution(self.conv_size, name="k_conv")(kk, conv_k)
-      vv, conv_v = ShortConvolution(self.conv_size, name="v_conv")(vv, conv_v)
+      kk, conv_k = ShortConvolution(self.conv_size, None, name="k_conv")(kk, conv_k)
+      vv, conv_v = ShortConvolution(self.conv_size, None, name="v_conv")(vv, conv_v)
     q = l2_normalize(q.reshape(b, t, h, k))
     kk = l2_normalize(kk.reshape(b, t, e, h, k))
     vv = vv.reshape(b, t, e, h, v)
-    beta = jax.nn.sigmoid(dense(e * h, "beta_proj")(x).astype(jnp.float32)).reshape(b, t, e, h)
-    a_log = self.param("A_log", _a_log_init, (h,))
-    dt_bias = self.param("dt_bias", _decay_bias_init(), (h,))
-    a = dense(e * h, "a_proj")(x).astype(jnp.float32).reshape(b, t, e, h)
+    beta = jax.nn.sigmoid(per_memory(e * h, "beta_proj")(x).astype(jnp.float32)).reshape(
+        b, t, e, h)
+    a_log = self.param("A_log", partitioned(_a_log_init, ("heads",)), (h,))
+    dt_bias = self.param("dt_bias", partitioned(_decay_bias_init(), ("heads",)), (h,))
+    a = per_memory(e * h, "a_proj")(x).astype(jnp.float32).reshape(b, t, e, h)
     g = -jnp.exp(a_log) * jax.nn.softplus(a + dt_bias)
 
     if t == 1:
@@ -153,7 +164,7 @@ class MixtureOfMemories(nn.Module):
       o, memory = ops.mixture_of_memories(
           q, kk, vv, beta, g, weights, initial_state=state.memory, return_final_state=True,
           chunk_size=self.chunk_size, implementation=self.implementation)
-    gate = dense(h * v, "gate_proj")(x).reshape(b, t, h, v)
+    gate = into_heads(h * v, "gate_proj")(x).reshape(b, t, h, v)
     y = GatedRMSNorm(name="out_norm")(o, gate).reshape(b, t, h * v)
-    y = dense(d, "out_proj")(y)
+    y = dense(d, ("heads", "embed"), name="out_proj")(y)
     return y, MixtureOfMemoriesState(conv_q, conv_k, conv_v, memory)

@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memjax.nn.partitioning import partitioned
+
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
   """Divides `x` by the root mean square of its last axis, computed in float32."""
@@ -20,6 +22,8 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 class RMSNorm(nn.Module):
   """RMS normalisation over the last axis with a learned scale (initialised to 1).
 
+  The scale's axis is named "embed": the layer normalises the model's features.
+
   Attributes:
     eps: added to the mean square before the square root.
   """
@@ -28,20 +32,23 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[..., D] -> [..., D] in the dtype of `x`."""
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+                       jnp.float32)
     return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
   """`RMSNorm(x) * silu(gate)`: the output norm of the Gated DeltaNet mixers.
 
-  Applied per head, so the learned scale has the size of one head's value dim.
+  Applied per head, so the learned scale has the size of one head's value dim, shared by
+  the heads: its axis is never split (logical name None).
   """
   eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
     """x, gate: [..., V] -> [..., V] in the dtype of `x`."""
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", partitioned(nn.initializers.ones, (None,)), (x.shape[-1],),
+                       jnp.float32)
     y = rms_normalize(x, self.eps) * scale * jax.nn.silu(gate.astype(jnp.float32))
     return y.astype(x.dtype)

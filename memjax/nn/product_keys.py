@@ -19,7 +19,10 @@ trains the same array (its gradient is the sum over the layers):
 
 The table's parameter is named `VALUES_PARAM` (which `memjax.train.param_groups` uses to
 give the values their own learning rate) and carries the logical axes
-`("memory_slots", "embed")`, so sharding rules can split its rows over a mesh axis.
+`("memory_slots", "embed")`, so sharding rules can split its rows over a mesh axis. The
+query heads split over "heads" (the query projection [D, H * K], the sub-keys
+[H, 2, n_keys, K / 2]); the gated read's projections [D, V] and [V, D] are those of an MLP
+with V hidden units ("embed", "mlp") and ("mlp", "embed").
 """
 
 from typing import Optional
@@ -29,6 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from memjax import ops
+from memjax.nn.partitioning import dense
+from memjax.nn.partitioning import layer_norm
+from memjax.nn.partitioning import partitioned
 
 # The name of the value table's parameter, wherever the table lives.
 VALUES_PARAM = "memory_values"
@@ -130,13 +136,17 @@ class ProductKeyMemory(nn.Module):
           f"{(self.n_keys ** 2, v_dim)}, got ProductKeyValues of shape "
           f"{(table.num_rows, table.dim)}")
 
-    query = nn.Dense(self.heads * self.k_dim, name="query_proj")(x)
+    query = dense(self.heads * self.k_dim, ("embed", "heads"), use_bias=True,
+                  name="query_proj")(x)
     if self.query_norm == "batch":
-      query = nn.BatchNorm(use_running_average=not train, name="query_norm")(query)
+      query = nn.BatchNorm(use_running_average=not train,
+                           scale_init=partitioned(nn.initializers.ones, ("heads",)),
+                           bias_init=partitioned(nn.initializers.zeros, ("heads",)),
+                           name="query_norm")(query)
     query = query.reshape(*x.shape[:-1], self.heads, self.k_dim)
     if self.query_norm == "layer":
-      query = nn.LayerNorm(name="query_norm")(query)
-    sub_keys = self.param("sub_keys", _sub_keys_init,
+      query = layer_norm((None,), name="query_norm")(query)
+    sub_keys = self.param("sub_keys", partitioned(_sub_keys_init, ("heads", None, None, None)),
                           (self.heads, 2, self.n_keys, self.k_dim // 2), jnp.float32)
 
     scores, indices = ops.product_key_topk(query, sub_keys, self.knn,
@@ -147,7 +157,7 @@ class ProductKeyMemory(nn.Module):
     read = table(flat(indices), flat(weights))  # [..., V]
 
     if self.swilu:
-      read = read * jax.nn.silu(nn.Dense(v_dim, use_bias=False, name="swilu_proj")(x))
+      read = read * jax.nn.silu(dense(v_dim, ("embed", "mlp"), name="swilu_proj")(x))
     if self.swilu or v_dim != d:
-      read = nn.Dense(d, use_bias=False, name="out_proj")(read)
+      read = dense(d, ("mlp", "embed"), name="out_proj")(read)
     return read.astype(x.dtype)

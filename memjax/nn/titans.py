@@ -12,6 +12,12 @@ State is explicit: `y, state = layer.apply(params, x, state)`; the state at the 
 sequence is `layer.apply(params, batch_size, method="init_state")` (it needs the parameters:
 the memory's meta-learned initial weights and the persistent tokens). `read` retrieves with
 given memory weights without writing (the `M*` of Titans §4.1, for `TitansMAC`).
+
+Logical axes of the parameters: the projections into heads [D, H * K] ("embed", "heads"),
+the output projection [H * K, D] ("heads", "embed"), the memory's initial weights
+[H, d_in, d_out] ("heads", None, None), the gates' up projections [rank, H] (None, "heads"),
+so tensor parallelism gives each device whole heads; the persistent tokens [N, D] are
+(None, "embed").
 """
 
 from typing import NamedTuple, Optional, Union
@@ -28,6 +34,8 @@ from memjax.ops import titans_memory
 from memjax.nn.conv import ShortConvolution
 from memjax.nn.norms import GatedRMSNorm
 from memjax.nn.norms import l2_normalize
+from memjax.nn.partitioning import dense
+from memjax.nn.partitioning import partitioned
 
 
 class NeuralMemoryLayerState(NamedTuple):
@@ -58,18 +66,19 @@ class LowRankGate(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> float32 pre-activations [B, T, H]."""
-    down = nn.Dense(self.rank, use_bias=False, name="down")(x)
-    up = nn.Dense(self.num_heads, name="up",
-                  bias_init=nn.initializers.constant(self.bias_init))(down)
+    down = dense(self.rank, ("embed", None), name="down")(x)
+    up = dense(self.num_heads, (None, "heads"), use_bias=True, name="up",
+               bias_init=nn.initializers.constant(self.bias_init))(down)
     return up.astype(jnp.float32)
 
 
 class _DenseTo(nn.Module):
-  """A bias-free Dense whose output width is given at call time (the model width D)."""
+  """A bias-free Dense [H * K] -> D whose output width is given at call time (the model
+  width D)."""
 
   @nn.compact
   def __call__(self, x: jax.Array, features: int) -> jax.Array:
-    return nn.Dense(features, use_bias=False, name="dense")(x)
+    return dense(features, ("heads", "embed"), name="dense")(x)
 
 
 class PersistentTokens(nn.Module):
@@ -79,7 +88,8 @@ class PersistentTokens(nn.Module):
   @nn.compact
   def __call__(self, dim: int) -> jax.Array:
     """-> [num_tokens, dim]."""
-    return self.param("tokens", nn.initializers.normal(stddev=0.02), (self.num_tokens, dim))
+    init = partitioned(nn.initializers.normal(stddev=0.02), (None, "embed"))
+    return self.param("tokens", init, (self.num_tokens, dim))
 
 
 class NeuralMemory(nn.Module):
@@ -116,8 +126,8 @@ class NeuralMemory(nn.Module):
 
   def setup(self):
     h, k = self.num_heads, self.head_dim
-    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
-    self.q_proj, self.k_proj, self.v_proj = (dense(h * k, f"{n}_proj") for n in "qkv")
+    into_heads = lambda n, name: dense(n, ("embed", "heads"), name=name)
+    self.q_proj, self.k_proj, self.v_proj = (into_heads(h * k, f"{n}_proj") for n in "qkv")
     if self.conv_size > 0:
       self.q_conv, self.k_conv, self.v_conv = (
           ShortConvolution(self.conv_size, name=f"{n}_conv") for n in "qkv")
@@ -130,9 +140,10 @@ class NeuralMemory(nn.Module):
       self.huber_gate = LowRankGate(h, self.gate_rank, bias_init=1.0, name="huber_gate")
     dims = [k] + [int(self.memory_expansion * k)] * (self.memory_depth - 1) + [k]
     self.memory_weights = tuple(
-        self.param(f"memory_w{i}", nn.initializers.normal(stddev=d_in ** -0.5), (h, d_in, d_out))
+        self.param(f"memory_w{i}", partitioned(nn.initializers.normal(stddev=d_in ** -0.5),
+                                               ("heads", None, None)), (h, d_in, d_out))
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])))
-    self.gate_proj = dense(h * k, "gate_proj")
+    self.gate_proj = into_heads(h * k, "gate_proj")
     self.out_norm = GatedRMSNorm(name="out_norm")
     self.out_proj = _DenseTo(name="out_proj")
     if self.num_persistent_tokens > 0:

@@ -32,6 +32,9 @@ from memjax.nn.attention import AttentionState
 from memjax.nn.attention import CausalSelfAttention
 from memjax.nn.attention import rotary_embedding
 from memjax.nn.norms import RMSNorm
+from memjax.nn.partitioning import dense
+from memjax.nn.partitioning import partitioned
+from memjax.nn.partitioning import split_dense
 from memjax.nn.titans import NeuralMemory
 from memjax.nn.titans import NeuralMemoryLayerState
 from memjax.nn.titans import PersistentTokens
@@ -133,7 +136,8 @@ class _Titans(nn.Module):
     # While initialising (or given no parameters) there is no width to compare with.
     if self.is_initializing() or not self.memory.has_variable("params", "memory_w0"):
       return
-    want = self.memory.variables["params"]["q_proj"]["kernel"].shape[0]
+    # Unboxed: parameters from `init` may still be in their partitioning boxes.
+    want = nn.unbox(self.memory.variables["params"]["q_proj"]["kernel"]).shape[0]
     if x.shape[-1] != want:
       raise ValueError(f"x must have shape [B, T, D] with D = {want} (the width the "
                        f"parameters were made for), got {tuple(x.shape)}")
@@ -181,12 +185,13 @@ class _SegmentAttention(nn.Module):
     """
     b, length, d = x.shape
     heads, hd, n_p = self.num_heads, self.head_dim, self.num_persistent_tokens
-    kv_proj = nn.Dense(2 * heads * hd, use_bias=False, name="kv_proj")
+    # Keys and values of whole heads together: [D, 2, H, K].
+    kv_proj = split_dense(d, (2, heads, hd), ("embed", None, "heads", None), name="kv_proj")
     rotate = lambda z, pos: rotary_embedding(z, pos, self.rope_base)
     at = n_p + position + jnp.arange(length, dtype=jnp.int32)
-    q = rotate(nn.Dense(heads * hd, use_bias=False, name="q_proj")(x).reshape(
+    q = rotate(dense(heads * hd, ("embed", "heads"), name="q_proj")(x).reshape(
         b, length, heads, hd), at)
-    new = kv_proj(jnp.stack([h, x], axis=1)).reshape(b, 2, length, 2, heads, hd)
+    new = kv_proj(jnp.stack([h, x], axis=1))  # [B, 2, L, 2, H, K]
     new_k = jax.vmap(rotate, in_axes=(1, None), out_axes=1)(new[:, :, :, 0], at)
     keys = lax.dynamic_update_slice_in_dim(keys, new_k.astype(keys.dtype), position, axis=2)
     values = lax.dynamic_update_slice_in_dim(
@@ -197,15 +202,16 @@ class _SegmentAttention(nn.Module):
     # Slot j of either block holds segment position j mod C: visible up to the query's own.
     visible = jnp.tile(jnp.arange(c), 2)[None, :] <= (at - n_p)[:, None]  # [L, 2C]
     if n_p > 0:
-      tokens = self.param("persistent", nn.initializers.normal(stddev=0.02), (n_p, d))
-      p_kv = kv_proj(tokens.astype(x.dtype)).reshape(n_p, 2, heads, hd)
+      tokens = self.param("persistent", partitioned(nn.initializers.normal(stddev=0.02),
+                                                     (None, "embed")), (n_p, d))
+      p_kv = kv_proj(tokens.astype(x.dtype))  # [Np, 2, H, K]
       p_k = rotate(p_kv[None, :, 0], jnp.arange(n_p))
       all_k = jnp.concatenate([jnp.broadcast_to(p_k, (b,) + p_k.shape[1:]), all_k], axis=1)
       all_v = jnp.concatenate(
           [jnp.broadcast_to(p_kv[None, :, 1], (b, n_p, heads, hd)), all_v], axis=1)
       visible = jnp.concatenate([jnp.ones((length, n_p), bool), visible], axis=1)
     o = jax.nn.dot_product_attention(q, all_k, all_v, mask=visible[None, None])
-    y = nn.Dense(d, use_bias=False, name="out_proj")(o.reshape(b, length, heads * hd))
+    y = dense(d, ("heads", "embed"), name="out_proj")(o.reshape(b, length, heads * hd))
     return y, keys, values
 
 

@@ -1,6 +1,7 @@
 """Associative-memory mixers: decoding token by token equals the full sequence, pieces
 equal the whole, implementations agree, and the layer has the paper's parts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -63,6 +64,7 @@ def test_parameters_of_each_variant(key):
 
 def test_gated_deltanet_decay_is_negative_and_in_mamba2_range(key):
   layer, params, _ = _layer_and_input(mnn.GatedDeltaNet, key)
+  params = nn.meta.unbox(params)
   a = jnp.exp(params["params"]["A_log"])
   dt = jax.nn.softplus(params["params"]["dt_bias"])
   assert jnp.all((a >= 1.0) & (a <= 16.0))

@@ -2,6 +2,7 @@
 sliding-window attention (with and without a visible prefix), eagerly and under jit; the
 prefix-visible window equals a brute-force masked softmax; bad arguments get clear errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,19 +42,19 @@ def test_prefill_then_steps_equal_whole_sequence(key, window, prefill):
   assert_close(jnp.concatenate(ys, 1), y, 1e-5, f"window {window}, prefill {prefill}")
 
 
-def _reference(params, x, window, num_prefix_tokens, num_heads=2, head_dim=8):
+def _reference(params, x, window, num_prefix_tokens):
   """Softmax attention with the mask written out: i sees j <= i with i - j < window or
   j < num_prefix_tokens."""
   b, t, _ = x.shape
-  w = params["params"]
-  qkv = (x @ w["qkv_proj"]["kernel"]).reshape(b, t, 3, num_heads, head_dim)
+  w = nn.meta.unbox(params)["params"]
+  qkv = jnp.einsum("btd,dshk->btshk", x, w["qkv_proj"]["kernel"])  # [B, T, 3, H, K]
   positions = jnp.arange(t)
   q, k = (rotary_embedding(qkv[:, :, n], positions) for n in (0, 1))
   visible = np.zeros((t, t), bool)
   for i in range(t):
     for j in range(i + 1):
       visible[i, j] = window is None or i - j < window or j < num_prefix_tokens
-  scores = jnp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(head_dim)
+  scores = jnp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(q.shape[-1])
   weights = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
   o = jnp.einsum("bhij,bjhd->bihd", weights, qkv[:, :, 2]).reshape(b, t, -1)
   return o @ w["out_proj"]["kernel"]

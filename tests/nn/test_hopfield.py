@@ -1,6 +1,7 @@
 """Hopfield layers: the pure-retrieval recipe, hflayers' options, pooling, lookup, masks,
 learnable scaling and alpha, gradients and errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,7 @@ def test_matches_the_op_with_its_projections(key):
   layer = mnn.Hopfield(input_size=8, num_heads=2, update_steps_max=2)
   x = jax.random.normal(key, (2, 5, 8))
   params = layer.init(jax.random.fold_in(key, 1), x)
-  p = params["params"]
+  p = nn.meta.unbox(params)["params"]
   ln = lambda x, n: ((x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
                      * p[n]["scale"] + p[n]["bias"])
   dense = lambda x, n: x @ p[n]["kernel"] + p[n]["bias"]
@@ -61,7 +62,7 @@ def test_shapes_of_the_three_layers(key):
   lookup = mnn.HopfieldLayer(input_size=12, quantity=10, lookup_weights_as_separated=True,
                              pattern_projection_size=3)
   params = lookup.init(key, x)
-  assert params["params"]["target_weights"].shape == (1, 10, 3)
+  assert nn.meta.unbox(params)["params"]["target_weights"].shape == (1, 10, 3)
   y, p = lookup.apply(params, x, return_association=True)
   assert y.shape == (3, 7, 12) and p.shape == (3, 1, 7, 10)
 
@@ -103,7 +104,7 @@ def test_sparse_layers_and_learnable_alpha_and_scaling_get_gradients(key):
   x = jax.random.normal(key, (2, 5, 8))
   layer = mnn.HopfieldLayer(input_size=8, quantity=6, num_heads=2, normalizer="entmax",
                             alpha_trainable=True, scaling_trainable=True, update_steps_max=1)
-  params = layer.init(key, x)
+  params = nn.meta.unbox(layer.init(key, x))
   grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)["params"]
   for name in ("alpha_logit", "scaling", "lookup_weights"):
     g = np.asarray(grads[name])
@@ -115,7 +116,7 @@ def test_sparse_layers_and_learnable_alpha_and_scaling_get_gradients(key):
 def test_frozen_weights_get_no_gradient(key):
   x = jax.random.normal(key, (2, 5, 8))
   pool = mnn.HopfieldPooling(input_size=8, trainable=False)
-  params = pool.init(key, x)
+  params = nn.meta.unbox(pool.init(key, x))
   grads = jax.grad(lambda p: jnp.sum(pool.apply(p, x) ** 2))(params)["params"]
   assert float(jnp.max(jnp.abs(grads["pooling_weights"]))) == 0.0
   assert float(jnp.max(jnp.abs(grads["out_proj"]["kernel"]))) > 0.0

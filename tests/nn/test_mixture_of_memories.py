@@ -46,6 +46,7 @@ def test_fast_path_matches_reference(layer_params_x):
 def test_gradients_reach_the_router_and_every_memory(layer_params_x):
   layer, params, x, _ = layer_params_x
   grad = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)[0] ** 2)))(params)["params"]
+  grad = nn.meta.unbox(grad)
   assert float(jnp.abs(grad["router"]["kernel"]).max()) > 0
   # Each memory's key projection (the shared one last) is trained by its routed tokens.
   k_grad = grad["k_proj"]["kernel"].reshape(16, 4, -1)

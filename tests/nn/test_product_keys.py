@@ -149,8 +149,9 @@ def test_batch_norm_query_updates_statistics_in_training(key):
 def test_layer_norm_query_normalises_each_head(key):
   layer = mnn.ProductKeyMemory(**SMALL, query_norm="layer")
   variables, x = _init(layer, key)
-  assert set(variables["params"]["query_norm"]) == {"scale", "bias"}
-  assert variables["params"]["query_norm"]["scale"].shape == (SMALL["k_dim"],)
+  params = nn.meta.unbox(variables["params"])
+  assert set(params["query_norm"]) == {"scale", "bias"}
+  assert params["query_norm"]["scale"].shape == (SMALL["k_dim"],)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -166,8 +167,8 @@ def test_bad_arguments(key, kwargs, match):
 def test_values_get_their_own_learning_rate(small):
   _, variables, _ = small
   params = variables["params"]
-  labels = param_groups.value_table_labels(params)
-  assert nn.meta.unbox(labels)["values"][VALUES_PARAM] == param_groups.VALUES_GROUP
+  labels = nn.meta.unbox(param_groups.value_table_labels(params))
+  assert labels["values"][VALUES_PARAM] == param_groups.VALUES_GROUP
   assert labels["sub_keys"] == param_groups.DEFAULT_GROUP
   grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
   tx = param_groups.value_learning_rate_transform(optax.sgd, 0.1, 3.0)

@@ -3,6 +3,7 @@ pieces equal the whole, the implementations agree, and the layer has the paper's
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +58,8 @@ def test_implementations_agree_with_gradients(key):
 def test_parameters():
   layer = mnn.NeuralMemory(num_heads=2, head_dim=4, rule="yaad", num_persistent_tokens=2,
                            gate_rank=3, memory_depth=3)
-  shapes = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((1, 5, 8)))["params"]
+  shapes = nn.meta.unbox(
+      jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((1, 5, 8)))["params"])
   assert set(shapes) == {
       "q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv", "theta_gate", "alpha_gate",
       "eta_gate", "huber_gate", "memory_w0", "memory_w1", "memory_w2", "gate_proj",

@@ -4,6 +4,7 @@ gradients reach every parameter, and bad input gets a clear error."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,8 @@ def _setup(name, key):
   layer, apply, start = _compiled(name)
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
   x = jnp.asarray(rng.standard_normal((_B, _T, _D)), jnp.float32)
-  params = jax.jit(layer.init)(jax.random.fold_in(key, 1), x)
+  # Unboxed: the tests below read and replace parameters by name.
+  params = nn.meta.unbox(jax.jit(layer.init)(jax.random.fold_in(key, 1), x))
   return layer, apply, start, params, x
 
 
