@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg: "default" (also None or "") or "tiny".
 
   Returns:
-    The ConfigDict with sections `model`, `data` and `train`.
+    The ConfigDict with sections `model`, `data` and `train`, and the fields
+    `mesh` and `sharding_rules`.
   """
   variant = arg or "default"
   if variant not in _VARIANTS:
@@ -98,4 +99,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           keep_checkpoints=3,
       )
   )
+  # The device mesh: size by axis of memjax.sharding.MESH_AXES; -1 takes the devices
+  # the other axes leave. The default puts every device on "data" (data parallel).
+  # Every axis is listed so that each can be set from the command line, e.g.
+  # --config.mesh.data=2 --config.mesh.fsdp=4 (FSDP: weights split along "embed") or
+  # --config.mesh.model=2 (tensor parallel: heads and MLP units split). train.batch_size
+  # must be divisible by data * fsdp.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, seq=1))
+  # (logical axis, mesh axes) pairs overriding memjax.sharding.DEFAULT_RULES, e.g.
+  # (("memory_slots", None),) keeps product-key value tables whole on every device.
+  config.sharding_rules = ()
   return config

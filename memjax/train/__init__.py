@@ -9,6 +9,7 @@ from memjax.train.optim import make_optimizer
 from memjax.train.optim import weight_decay_mask
 from memjax.train.state import TrainState
 from memjax.train.state import create_train_state
+from memjax.train.state import train_state_shardings
 from memjax.train.steps import make_eval_step
 from memjax.train.steps import make_train_step
 from memjax.train.steps import summarize

@@ -41,6 +41,10 @@ class Checkpointer:
   def restore(self, state: TrainState, step: int | None = None) -> TrainState:
     """Restores a checkpoint into the structure of `state`.
 
+    The arrays are read straight into the shardings of `state`'s arrays,
+    whatever mesh the checkpoint was saved from: a run saved on one mesh
+    resumes on another (e.g. `create_train_state(..., mesh=other_mesh)`).
+
     Args:
       state: A freshly created state; gives the tree structure, shapes,
         dtypes and shardings of the result.

@@ -10,8 +10,10 @@ import jax
 import numpy as np
 
 from memjax import data
+from memjax import sharding
 from memjax.models import DecoderLM
 from memjax.train import optim
+from memjax.train import sharded
 from memjax.train import steps
 from memjax.train.checkpoint import Checkpointer
 from memjax.train.metrics import MetricWriter
@@ -19,6 +21,8 @@ from memjax.train.state import create_train_state
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# A config without `mesh`: every device data-parallel.
+DEFAULT_MESH = {"data": -1}
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
@@ -29,14 +33,20 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   Batch `i` is `train_ds[i]` and nothing else draws random numbers on the host,
   so a resumed run continues bit for bit as if it had not stopped.
 
+  The state and the steps are laid out on the mesh `config.mesh` (axis sizes
+  by name, see `memjax.sharding.make_mesh`; default {"data": -1}, every device
+  data-parallel) by the rules `config.sharding_rules` (pairs overriding
+  `memjax.sharding.DEFAULT_RULES`; default none).
+
   Args:
     config: A ConfigDict with sections `model` (DecoderLM's fields), `data`
-      and `train`. `data` holds, for "mqar", MqarTask's fields, `num_train`,
-      `num_test`, `data_seed`, `source` and `data_dir` (see
-      experiments/configs/mqar.py); for "sniah", `needle`, `seq_len` (the
-      context length), `depth` and the same five (experiments/configs/sniah.py);
-      for "lm", `dataset`, `train_split`, `eval_split`, `feature`, `seq_len` and
-      `data_dir` (experiments/configs/lm.py).
+      and `train`, and optionally `mesh` and `sharding_rules`. `data` holds,
+      for "mqar", MqarTask's fields, `num_train`, `num_test`, `data_seed`,
+      `source` and `data_dir` (see experiments/configs/mqar.py); for "sniah",
+      `needle`, `seq_len` (the context length), `depth` and the same five
+      (experiments/configs/sniah.py); for "lm", `dataset`, `train_split`,
+      `eval_split`, `feature`, `seq_len` and `data_dir`
+      (experiments/configs/lm.py).
     workdir: Directory for config.json, metrics.jsonl, TensorBoard event files,
       checkpoints and (for `source="tfds"` without `data_dir`) the dataset.
 
@@ -46,8 +56,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     S-NIAH, all next tokens of LM), "eval/exact_match" (examples with every
     labelled position right / examples) and, if any step ran in this call,
     the last logged "train/..." values.
+
+  Raises:
+    ValueError: For a bad config, e.g. a train.batch_size the mesh's batch
+      axes do not divide.
   """
   tc = config.train
+  mesh = sharding.make_mesh(dict(config.get("mesh", None) or DEFAULT_MESH))
+  rules = sharding.rules_from_config(config.get("sharding_rules", None) or ())
+  _check_batch_size(tc.batch_size, mesh, rules)
   vocab_size = _task_vocab_size(config.data)
   if config.model.vocab_size < vocab_size:
     raise ValueError(
@@ -65,8 +82,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   model = DecoderLM(**config.model)
   optimizer = optim.make_optimizer(tc)
   schedule = optim.learning_rate_schedule(tc)
+  test_ds = data.eval_batches(test_source, tc.batch_size)
+  layout = dict(mesh=mesh, rules=rules)
   state = create_train_state(
-      model, optimizer, jax.random.key(tc.seed), train_ds[0]
+      model, optimizer, jax.random.key(tc.seed), train_ds[0], **layout
   )
   checkpointer = Checkpointer(
       os.path.join(workdir, CHECKPOINT_DIR),
@@ -74,11 +93,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       keep=tc.keep_checkpoints,
   )
   state = checkpointer.restore(state)
-  train_step = steps.make_train_step(model, optimizer)
+  train_step = steps.make_train_step(
+      model, optimizer, example_batch=train_ds[0], **layout
+  )
   run_eval = functools.partial(
       evaluate,
-      steps.make_eval_step(model),
-      batches=data.eval_batches(test_source, tc.batch_size),
+      steps.make_eval_step(model, example_batch=test_ds[0], **layout),
+      batches=test_ds,
   )
   writer = MetricWriter(workdir)
 
@@ -147,6 +168,20 @@ def evaluate(
   # not wait on the host between batches.
   sums = [eval_step(params, batch) for batch in batches]
   return steps.summarize(functools.reduce(steps.add_metrics, sums, {}))
+
+
+def _check_batch_size(
+    batch_size: int, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> None:
+  """Raises a ValueError unless the batch splits evenly over its mesh axes."""
+  axes, devices = sharded.split_devices("batch", mesh, rules)
+  if batch_size % devices:
+    raise ValueError(
+        f"train.batch_size={batch_size} (the rows of every train and eval "
+        f"batch) must be divisible by the {devices} devices of the mesh axes "
+        f"{axes} that split the batch, in the mesh {dict(mesh.shape)} "
+        "(config.mesh)."
+    )
 
 
 def _train_summary(window, learning_rate: float) -> dict[str, float]:

@@ -53,14 +53,18 @@ def weight_decay_mask(params: Any) -> Any:
   leading layer axis, which does not count.
 
   Args:
-    params: A pytree of parameter arrays, as nested dicts (Flax layout).
+    params: A pytree of parameter arrays, as nested dicts (Flax layout),
+      plain or in Flax's partitioning boxes.
 
   Returns:
     A pytree of bools of the same structure: True where decay applies.
   """
 
   def decays(path, param):
-    keys = [str(getattr(entry, "key", "")) for entry in path]
+    # Dict keys only: a parameter still in Flax's partitioning box has one more
+    # path entry (the box's `value`), which is not part of its name.
+    keys = [str(entry.key) for entry in path
+            if isinstance(entry, jax.tree_util.DictKey)]
     layer_axes = sum(1 for key in keys if SCANNED_RUN.match(key))
     return param.ndim - layer_axes >= 2 and keys[-1] not in _NO_DECAY_NAMES
 

@@ -4,9 +4,22 @@ Both steps return sums and counts rather than means, so that metrics over many
 batches (a logging window, the whole test split) aggregate exactly: the mean is
 taken once, at the end, by `summarize`. The eval step also counts examples
 answered exactly, for tasks scored per example (S-NIAH).
+
+Given a mesh, a step is jitted with explicit shardings: the state (or params)
+as `memjax.train.state.train_state_shardings` lays it out, the batch split over
+("batch", "seq") (`memjax.train.sharded.batch_shardings`), the metrics
+replicated; the model runs under the mesh and the logical axis rules, so the
+activation constraints of its blocks apply. Without a mesh the same step is
+jitted without shardings.
+
+    mesh = memjax.sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    state = create_train_state(model, tx, key, batch, mesh=mesh, rules=rules)
+    step = make_train_step(model, tx, mesh=mesh, rules=rules,
+                           example_batch=batch)
+    state, metrics = step(state, batch)
 """
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -15,7 +28,11 @@ import numpy as np
 import optax
 
 from memjax.data import IGNORE_INDEX
+from memjax.sharding import DEFAULT_RULES
+from memjax.sharding import Rules
+from memjax.train import sharded
 from memjax.train.state import TrainState
+from memjax.train.state import train_state_shardings
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -113,8 +130,21 @@ def add_metrics(total: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict:
   return out
 
 
+def _check_example(mesh, example_batch, caller: str) -> None:
+  if mesh is not None and example_batch is None:
+    raise ValueError(
+        f"{caller} with a mesh needs example_batch (a batch of the shapes the "
+        "step will get) to lay out the state and the batches; got None"
+    )
+
+
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rules: Rules = DEFAULT_RULES,
+    example_batch: Optional[Mapping[str, Any]] = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds `train_step(state, batch) -> (state, metrics)`, jitted.
 
@@ -126,16 +156,28 @@ def make_train_step(
     model: The Linen module; `model.apply({"params": p}, inputs)` gives
       float32 logits [B, T, V].
     optimizer: The optax transformation whose state is `state.opt_state`.
+    mesh: The device mesh, or None (no shardings: the default device).
+    rules: The logical axis rules of parameters and activations on `mesh`.
+    example_batch: With a mesh, a batch of the shapes the step will get
+      (e.g. the first one); it fixes the shardings.
 
   Returns:
     The jitted step. `batch` holds "inputs" and "labels", int32 [B, T];
     `metrics` holds the sums of `token_metrics` plus "grad_norm", the global
-    norm of the gradient before clipping.
+    norm of the gradient before clipping. With a mesh, the state must be laid
+    out as `train_state_shardings` says (as `create_train_state` makes it)
+    and the new state is too; the metrics are replicated.
+
+  Raises:
+    ValueError: With a mesh: if `example_batch` is None, or a parameter or
+      batch dimension is not divisible by the devices that split it.
   """
+  _check_example(mesh, example_batch, "make_train_step")
 
   def train_step(state: TrainState, batch: Batch):
     def loss_fn(params):
-      logits = model.apply({"params": params}, batch["inputs"])
+      with sharded.mesh_context(mesh, rules):
+        logits = model.apply({"params": params}, batch["inputs"])
       sums = token_metrics(logits, batch["labels"])
       return sums["loss_sum"] / jnp.maximum(sums["count"], 1), sums
 
@@ -151,25 +193,64 @@ def make_train_step(
     grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
     return new_state, {**sums, "grad_norm": grad_norm}
 
-  return jax.jit(train_step, donate_argnums=0)
+  placement = {}
+  if mesh is not None:
+    state_shardings = train_state_shardings(
+        model, optimizer, example_batch, mesh, rules
+    )
+    placement = dict(
+        in_shardings=(
+            state_shardings,
+            sharded.batch_shardings(example_batch, mesh, rules),
+        ),
+        out_shardings=(state_shardings, sharded.replicated(mesh)),
+    )
+  return jax.jit(train_step, donate_argnums=0, **placement)
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
+def make_eval_step(
+    model: nn.Module,
+    *,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rules: Rules = DEFAULT_RULES,
+    example_batch: Optional[Mapping[str, Any]] = None,
+) -> Callable[[Any, Batch], Metrics]:
   """Builds `eval_step(params, batch) -> metrics`, jitted.
 
   Args:
     model: The Linen module, as for `make_train_step`.
+    mesh: The device mesh, or None, as for `make_train_step`.
+    rules: The logical axis rules, as for `make_train_step`.
+    example_batch: With a mesh, a batch of the shapes the step will get.
 
   Returns:
     The jitted step; `metrics` are the sums of `token_metrics` and the counts
-    of `example_metrics` for the batch.
+    of `example_metrics` for the batch. With a mesh, `params` must be laid out
+    as `train_state_shardings(...).params` says; the metrics are replicated.
+
+  Raises:
+    ValueError: As `make_train_step`.
   """
+  _check_example(mesh, example_batch, "make_eval_step")
 
   def eval_step(params, batch: Batch) -> Metrics:
-    logits = model.apply({"params": params}, batch["inputs"])
+    with sharded.mesh_context(mesh, rules):
+      logits = model.apply({"params": params}, batch["inputs"])
     return {
         **token_metrics(logits, batch["labels"]),
         **example_metrics(logits, batch["labels"]),
     }
 
-  return jax.jit(eval_step)
+  placement = {}
+  if mesh is not None:
+    params = sharded.param_shardings(
+        sharded.abstract_params(model, example_batch), mesh, rules
+    )
+    placement = dict(
+        in_shardings=(
+            params,
+            sharded.batch_shardings(example_batch, mesh, rules),
+        ),
+        out_shardings=sharded.replicated(mesh),
+    )
+  return jax.jit(eval_step, **placement)
