@@ -2,6 +2,15 @@ r"""Trains and evaluates a memjax DecoderLM; see experiments/configs/mqar.py.
 
   python experiments/train.py --config=experiments/configs/mqar.py:tiny \
       --workdir=/tmp/memjax/tiny
+
+On several hosts, start one process per host with the same flags plus either
+`--distributed` (JAX detects the cluster: TPU pods, SLURM) or all three of
+`--coordinator_address`, `--num_processes` and `--process_id`, e.g. two CPU
+processes on one machine (the workdir must be shared):
+
+  python experiments/train.py --config=experiments/configs/mqar.py:tiny \
+      --workdir=/tmp/memjax/tiny2 --coordinator_address=localhost:12345 \
+      --num_processes=2 --process_id=0    # and --process_id=1 in another shell
 """
 
 import json
@@ -15,6 +24,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from memjax import models
+from memjax.train import distributed
 from memjax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +35,22 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", "/tmp/memjax/mqar", "Where checkpoints and metrics go."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for multi-process training; needs --num_processes "
+    "and --process_id.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes of a multi-process run."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's id in [0, num_processes)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Start jax.distributed with the cluster JAX detects (TPU pods, SLURM); "
+    "instead of the three flags above.",
 )
 
 
@@ -43,9 +69,17 @@ def main(argv):
     # The progress lines are printed; orbax logs every save at INFO, which
     # would bury them. --verbosity=0 brings the INFO logs back.
     logging.set_verbosity(logging.WARNING)
-  print_parameter_summary(_CONFIG.value)
+  # Before anything touches the devices: the backends start with the cluster.
+  distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      auto=_DISTRIBUTED.value,
+  )
+  primary = jax.process_index() == 0
+  if primary:
+    print_parameter_summary(_CONFIG.value)
   final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print(f"final metrics: {json.dumps(final, sort_keys=True)}")
+  if primary:
+    print(f"final metrics: {json.dumps(final, sort_keys=True)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ memory (e.g. the output of `generate_mqar`).
 Training asks for `ds[step]`; the batch of a step depends only on the source,
 the batch size and the seed, so a run restarted from a checkpoint at step s
 continues with exactly the batches it would have seen.
+
+On several hosts, each of P processes reads only its share of every global
+batch of B rows: process p gets rows [p * B/P, (p + 1) * B/P) (`process_index`
+and `process_count` of both pipelines); the union over the processes is the
+batch a single process would read.
 """
 
 from collections.abc import Mapping
@@ -57,6 +62,8 @@ def batched_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.MapDataset:
   """Returns training batches, indexed by step.
 
@@ -64,31 +71,49 @@ def batched_dataset(
   cut into batches. Batches run across epoch boundaries, so every example
   appears once in each run of `len(source)` consecutive examples of the stream.
 
+  With P = `process_count` > 1, the stream is cut into B/P-row pieces and
+  process p takes every P-th piece from piece p: its batch of a step is rows
+  [p * B/P, (p + 1) * B/P) of the global batch, and it never reads the
+  examples of another process.
+
   Args:
     source: Random-access source of N examples, each a dict of arrays.
-    batch_size: Examples per batch B.
+    batch_size: Examples per global batch B, over all processes.
     seed: Shuffling seed, in [0, 2**32); ignored when `shuffle` is False.
     shuffle: Shuffle the examples; otherwise take them in source order.
     num_epochs: Number of passes over the source; None repeats forever.
     drop_remainder: With a finite `num_epochs`, drop the last batch if it has
-      fewer than B examples.
+      fewer than B examples. Must be True when `process_count` > 1 and
+      `num_epochs` is finite: a short last batch has no even split.
+    process_index: This process's share p, in [0, P).
+    process_count: Number of processes P sharing every batch; B % P == 0.
 
   Returns:
-    A MapDataset whose item `step` is the batch {name: [B, ...]} of that
-    training step, e.g. {"inputs": int32 [B, T], "labels": int32 [B, T]}.
+    A MapDataset whose item `step` is this process's part of the batch of
+    that training step, {name: [B/P, ...]}, e.g. {"inputs": int32 [B/P, T],
+    "labels": int32 [B/P, T]}.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if len(source) == 0:
     raise ValueError("source must hold at least one example, got 0.")
+  local_size = _local_batch_size(batch_size, process_index, process_count)
+  if process_count > 1 and num_epochs is not None and not drop_remainder:
+    raise ValueError(
+        f"drop_remainder=False with process_count={process_count}: the short "
+        "last batch of a finite stream cannot be split evenly over the "
+        "processes; use drop_remainder=True or num_epochs=None."
+    )
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
-  ds = ds.repeat(num_epochs)
-  return ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.repeat(num_epochs).batch(local_size, drop_remainder=drop_remainder)
+  return _take_share(ds, process_index, process_count)
 
 
-def eval_batches(source, batch_size: int) -> grain.MapDataset:
+def eval_batches(
+    source, batch_size: int, *, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
   """Returns one pass over the source, in order, in batches of equal size.
 
   The last batch is padded to B rows so that every batch has the same shape
@@ -97,17 +122,57 @@ def eval_batches(source, batch_size: int) -> grain.MapDataset:
   labelled positions ignore them; per-example metrics must skip rows without
   labels.
 
+  With P = `process_count` > 1, process p gets rows [p * B/P, (p + 1) * B/P)
+  of every padded global batch (rows past the end of the source are padding,
+  so a process may get batches of padding only): all processes get the same
+  number of batches, as the eval step on their global array needs.
+
   Args:
     source: Random-access source of N examples, each a dict of arrays.
-    batch_size: Examples per batch B.
+    batch_size: Examples per global batch B, over all processes.
+    process_index: This process's share p, in [0, P).
+    process_count: Number of processes P sharing every batch; B % P == 0.
 
   Returns:
-    A MapDataset of ceil(N / B) batches {name: [B, ...]}, iterable with `for`.
+    A MapDataset of ceil(N / B) batches {name: [B/P, ...]}, iterable with
+    `for`.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False)
-  return ds.map(functools.partial(_pad_batch, batch_size=batch_size))
+  local_size = _local_batch_size(batch_size, process_index, process_count)
+  pieces = grain.MapDataset.source(source).batch(local_size, drop_remainder=False)
+  # Whole global batches: the pieces past the source's end are all padding.
+  num_pieces = -(-len(source) // batch_size) * process_count
+
+  def piece(index: int) -> dict[str, np.ndarray]:
+    if index < len(pieces):
+      return _pad_batch(pieces[index], local_size)
+    return _pad_batch({k: v[:0] for k, v in pieces[0].items()}, local_size)
+
+  return _take_share(grain.MapDataset.range(num_pieces), process_index, process_count).map(piece)
+
+
+def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
+  """B/P, the rows of a global batch each process reads; checks the arguments."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process_index must be in [0, process_count) and process_count >= 1, "
+        f"got process_index={process_index}, process_count={process_count}."
+    )
+  if batch_size % process_count:
+    raise ValueError(
+        f"batch_size={batch_size} must be divisible by process_count="
+        f"{process_count}: every process reads an equal share of each batch."
+    )
+  return batch_size // process_count
+
+
+def _take_share(pieces: grain.MapDataset, process_index: int, process_count: int):
+  """Pieces p, p + P, p + 2P, ... of whole groups of P (one global batch each)."""
+  if process_count == 1:
+    return pieces
+  whole = len(pieces) // process_count * process_count
+  return pieces[:whole][process_index::process_count]
 
 
 def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

@@ -7,11 +7,13 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from memjax import data
 from memjax import sharding
 from memjax.models import DecoderLM
+from memjax.train import distributed
 from memjax.train import optim
 from memjax.train import sharded
 from memjax.train import steps
@@ -37,6 +39,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   by name, see `memjax.sharding.make_mesh`; default {"data": -1}, every device
   data-parallel) by the rules `config.sharding_rules` (pairs overriding
   `memjax.sharding.DEFAULT_RULES`; default none).
+
+  On several processes (after `memjax.train.distributed.initialize`), every
+  process calls this with the same config and workdir: each reads only the
+  rows of every batch its devices hold, all take part in checkpointing, and
+  process 0 alone writes config.json and the metrics and prints progress.
 
   Args:
     config: A ConfigDict with sections `model` (DecoderLM's fields), `data`
@@ -71,19 +78,28 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         f"model.vocab_size={config.model.vocab_size} cannot embed the task's "
         f"tokens: data.task={_task(config.data)!r} uses {vocab_size} token ids."
     )
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  primary = jax.process_index() == 0
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  train_source, test_source = _sources(config.data, workdir)
-  train_ds = data.batched_dataset(
-      train_source, tc.batch_size, seed=tc.seed, shuffle=True
+  train_source, test_source = _process_sources(config.data, workdir)
+  layout = dict(mesh=mesh, rules=rules)
+  train_ds = _process_batches(
+      functools.partial(
+          data.batched_dataset, train_source, tc.batch_size, seed=tc.seed,
+          shuffle=True,
+      ),
+      train_source[0], tc.batch_size, **layout,
   )
   model = DecoderLM(**config.model)
   optimizer = optim.make_optimizer(tc)
   schedule = optim.learning_rate_schedule(tc)
-  test_ds = data.eval_batches(test_source, tc.batch_size)
-  layout = dict(mesh=mesh, rules=rules)
+  test_ds = _process_batches(
+      functools.partial(data.eval_batches, test_source, tc.batch_size),
+      test_source[0], tc.batch_size, **layout,
+  )
   state = create_train_state(
       model, optimizer, jax.random.key(tc.seed), train_ds[0], **layout
   )
@@ -101,11 +117,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       steps.make_eval_step(model, example_batch=test_ds[0], **layout),
       batches=test_ds,
   )
-  writer = MetricWriter(workdir)
+  # The other processes hold the same replicated metrics and stay quiet.
+  writer = MetricWriter(workdir) if primary else None
 
   start = int(state.step)
   final: dict[str, float] = {}
-  if start:
+  if start and primary:
     print(f"resumed from step {start} in {workdir}", flush=True)
   window: list[Mapping[str, jax.Array]] = []
   window_start = time.perf_counter()
@@ -120,13 +137,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       train = _train_summary(window, float(schedule(step)))
       now = time.perf_counter()
       tokens_per_s = len(window) * batch["inputs"].size / (now - window_start)
-      print(
+      _log(
+          writer,
+          done,
+          {**train, "train/tokens_per_s": tokens_per_s},
           f"step {done}/{tc.num_steps}  loss {train['train/loss']:.4f}  "
           f"accuracy {train['train/accuracy']:.4f}  "
           f"{tokens_per_s:,.0f} tokens/s  {now - run_start:.1f} s",
-          flush=True,
       )
-      writer.write(done, {**train, "train/tokens_per_s": tokens_per_s})
       final.update(train)
       window, window_start = [], time.perf_counter()
     if done % tc.eval_every == 0 and done != tc.num_steps:
@@ -139,8 +157,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   checkpointer.save(state, step=tc.num_steps, force=True)
   final.update(_report_eval(writer, tc.num_steps, run_eval(state.params)))
   checkpointer.close()
-  writer.close()
-  print(f"final held-out accuracy: {final['eval/accuracy']:.4f}", flush=True)
+  if writer is not None:
+    writer.close()
+    print(f"final held-out accuracy: {final['eval/accuracy']:.4f}", flush=True)
   return final
 
 
@@ -180,8 +199,43 @@ def _check_batch_size(
         f"train.batch_size={batch_size} (the rows of every train and eval "
         f"batch) must be divisible by the {devices} devices of the mesh axes "
         f"{axes} that split the batch, in the mesh {dict(mesh.shape)} "
-        "(config.mesh)."
+        f"(config.mesh), over {jax.process_count()} process(es)."
     )
+
+
+def _process_batches(
+    make: Callable[..., Any],
+    example: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+) -> Any:
+  """A pipeline of global batches, of which this process reads only its rows.
+
+  Args:
+    make: `make(process_index=, process_count=)` returns the pipeline of this
+      process's rows, e.g. `data.batched_dataset` with its other arguments.
+    example: One example of the source, {name: [...]}: gives the shapes.
+    batch_size: B, the rows of a global batch.
+    mesh: The device mesh.
+    rules: The logical axis rules that lay the batch out on it.
+
+  Returns:
+    A MapDataset of global batches {name: [B, ...]}: the pipeline's numpy
+    arrays with one process, `jax.Array`s laid out on the mesh with several.
+  """
+  shapes = {
+      name: jax.ShapeDtypeStruct((batch_size,) + np.shape(array), np.asarray(array).dtype)
+      for name, array in example.items()
+  }
+  shardings = sharded.batch_shardings(shapes, mesh, rules)
+  index, count = distributed.batch_share(shardings["inputs"], shapes["inputs"].shape)
+  return make(process_index=index, process_count=count).map(
+      functools.partial(
+          distributed.global_batch, shardings=shardings, global_rows=batch_size
+      )
+  )
 
 
 def _train_summary(window, learning_rate: float) -> dict[str, float]:
@@ -196,17 +250,26 @@ def _train_summary(window, learning_rate: float) -> dict[str, float]:
   }
 
 
-def _report_eval(writer: MetricWriter, step: int, means) -> dict[str, float]:
+def _report_eval(writer: MetricWriter | None, step: int, means) -> dict[str, float]:
   """Prints and writes held-out metrics; returns them with "eval/" names."""
   scalars = {f"eval/{name}": value for name, value in means.items()}
-  print(
+  _log(
+      writer,
+      step,
+      scalars,
       f"step {step}  held-out loss {scalars['eval/loss']:.4f}  "
       f"accuracy {scalars['eval/accuracy']:.4f}  "
       f"exact match {scalars['eval/exact_match']:.4f}",
-      flush=True,
   )
-  writer.write(step, scalars)
   return scalars
+
+
+def _log(writer: MetricWriter | None, step: int, scalars, line: str) -> None:
+  """Prints `line` and writes `scalars`; on processes without a writer, nothing."""
+  if writer is None:
+    return
+  print(line, flush=True)
+  writer.write(step, scalars)
 
 
 def _task(data_config: Any) -> str:
@@ -222,6 +285,22 @@ def _task_vocab_size(data_config: Any) -> int:
   if _task(data_config) == "mqar":
     return data_config.vocab_size
   return data.tokenizer.VOCAB_SIZE
+
+
+def _process_sources(data_config: Any, workdir: str):
+  """`_sources`, built by process 0 before the other processes read them.
+
+  A synthetic TFDS task is generated on first use; processes sharing a
+  workdir must not all write it at once.
+  """
+  if jax.process_count() == 1:
+    return _sources(data_config, workdir)
+  if jax.process_index() == 0:
+    sources = _sources(data_config, workdir)
+  multihost_utils.sync_global_devices("memjax: the data sources are built")
+  if jax.process_index() != 0:
+    sources = _sources(data_config, workdir)
+  return sources
 
 
 def _sources(data_config: Any, workdir: str):

@@ -105,6 +105,72 @@ def test_eval_batches_cover_the_source_once_in_order():
   np.testing.assert_array_equal(last["labels"][:2], [source[i]["labels"] for i in (8, 9)])
 
 
+def _union_over_processes(make, count, step=None):
+  """The batches of `count` processes, their rows concatenated in process order."""
+  shares = [make(process_index=p, process_count=count) for p in range(count)]
+  if step is not None:
+    shares = [[share[step]] for share in shares]
+  lengths = {len(share) for share in shares}
+  assert len(lengths) == 1, f"processes get different numbers of batches: {lengths}"
+  return [
+      {name: np.concatenate([share[i][name] for share in shares]) for name in shares[0][i]}
+      for i in range(lengths.pop())
+  ]
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_shares_make_up_the_global_train_batches(count):
+  # 50 examples in batches of 8: steps 6, 12 and 18 cross epoch boundaries.
+  source = _source(50)
+  single = batched_dataset(source, 8, seed=3)
+  make = lambda **shares: batched_dataset(source, 8, seed=3, **shares)
+  for step in (0, 1, 6, 12, 18, 1000):
+    (union,) = _union_over_processes(make, count, step)
+    assert union["inputs"].shape == (8, TASK.seq_len)
+    for name in ("inputs", "labels", "index"):
+      np.testing.assert_array_equal(union[name], single[step][name])
+  # Process 1's rows are the second quarter (or half) of the global batch.
+  np.testing.assert_array_equal(make(process_index=1, process_count=count)[6]["index"],
+                                single[6]["index"][8 // count:2 * 8 // count])
+
+
+def test_process_shares_of_finite_epochs_drop_the_same_batches():
+  source = _source(10)
+  make = lambda **shares: batched_dataset(source, 4, seed=0, num_epochs=1, **shares)
+  union = _union_over_processes(make, 2)
+  single = list(make())
+  assert len(union) == len(single) == 2
+  for got, want in zip(union, single):
+    np.testing.assert_array_equal(got["index"], want["index"])
+
+
+@pytest.mark.parametrize("num_examples, count", [(10, 2), (10, 4), (13, 4), (16, 4)])
+def test_process_shares_make_up_the_global_eval_batches(num_examples, count):
+  # 10 examples in batches of 8 over 4 processes: the last two processes' share of the
+  # second batch is padding only.
+  source = _source(num_examples)
+  make = lambda **shares: eval_batches(source, 8, **shares)
+  union = _union_over_processes(make, count)
+  single = list(make())
+  assert len(union) == len(single) == -(-num_examples // 8)
+  for got, want in zip(union, single):
+    assert got.keys() == want.keys()
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_bad_process_shares():
+  with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by process_count=4"):
+    batched_dataset(_source(10), 6, seed=0, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by process_count=4"):
+    eval_batches(_source(10), 6, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match=r"process_index=2, process_count=2"):
+    batched_dataset(_source(10), 4, seed=0, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="drop_remainder=False with process_count=2"):
+    batched_dataset(_source(10), 4, seed=0, num_epochs=1, drop_remainder=False,
+                    process_index=0, process_count=2)
+
+
 def test_tfds_source_gives_the_batches_of_the_arrays(tmp_path):
   tfds_source = load_mqar(TASK, "train", data_dir=tmp_path, num_train=32, num_test=8,
                           seed=0)
