@@ -141,7 +141,7 @@ def held_out_source(data_config: Any, workdir: str):
   if "num_train" in data_config:
     # TFDS refuses to write an empty split.
     data_config.num_train = 1
-  _, test = loop._sources(data_config, workdir)
+  _, test = loop.task_sources(data_config, workdir)
   return test
 
 
@@ -212,7 +212,7 @@ def evaluate_lengths(
       if needle is not None:
         case.needle = needle
         labels["data.needle"] = needle
-      vocab_size = loop._task_vocab_size(case)
+      vocab_size = loop.task_vocab_size(case)
       if run.model.vocab_size < vocab_size:
         raise ValueError(
             f"data_config's task uses {vocab_size} token ids but the run's "

@@ -72,7 +72,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   mesh = sharding.make_mesh(dict(config.get("mesh", None) or DEFAULT_MESH))
   rules = sharding.rules_from_config(config.get("sharding_rules", None) or ())
   _check_batch_size(tc.batch_size, mesh, rules)
-  vocab_size = _task_vocab_size(config.data)
+  vocab_size = task_vocab_size(config.data)
   if config.model.vocab_size < vocab_size:
     raise ValueError(
         f"model.vocab_size={config.model.vocab_size} cannot embed the task's "
@@ -141,9 +141,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
           writer,
           done,
           {**train, "train/tokens_per_s": tokens_per_s},
-          f"step {done}/{tc.num_steps}  loss {train['train/loss']:.4f}  "
-          f"accuracy {train['train/accuracy']:.4f}  "
-          f"{tokens_per_s:,.0f} tokens/s  {now - run_start:.1f} s",
+          f"step {done}/{tc.num_steps} {progress_bar(done, tc.num_steps)}  "
+          f"loss {train['train/loss']:.4f}  accuracy {train['train/accuracy']:.4f}  "
+          f"{tokens_per_s:,.0f} tokens/s  {now - run_start:.1f} s, "
+          f"{_remaining(now - run_start, done - start, tc.num_steps - done)} to go",
       )
       final.update(train)
       window, window_start = [], time.perf_counter()
@@ -238,6 +239,18 @@ def _process_batches(
   )
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+  """A text bar of `width` cells, `done / total` of them filled: "[#####---------------]"."""
+  filled = min(width, width * done // max(total, 1))
+  return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _remaining(elapsed: float, steps_done: int, steps_left: int) -> str:
+  """The time the steps left will take at this call's pace so far, e.g. "3 min 20 s"."""
+  seconds = round(elapsed / max(steps_done, 1) * steps_left)
+  return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
 def _train_summary(window, learning_rate: float) -> dict[str, float]:
   """Means over the steps of a logging window, from their summed metrics."""
   sums = functools.reduce(steps.add_metrics, window, {})
@@ -280,7 +293,7 @@ def _task(data_config: Any) -> str:
   return task
 
 
-def _task_vocab_size(data_config: Any) -> int:
+def task_vocab_size(data_config: Any) -> int:
   """The number of token ids of the task's data, which the model must embed."""
   if _task(data_config) == "mqar":
     return data_config.vocab_size
@@ -288,22 +301,22 @@ def _task_vocab_size(data_config: Any) -> int:
 
 
 def _process_sources(data_config: Any, workdir: str):
-  """`_sources`, built by process 0 before the other processes read them.
+  """`task_sources`, built by process 0 before the other processes read them.
 
   A synthetic TFDS task is generated on first use; processes sharing a
   workdir must not all write it at once.
   """
   if jax.process_count() == 1:
-    return _sources(data_config, workdir)
+    return task_sources(data_config, workdir)
   if jax.process_index() == 0:
-    sources = _sources(data_config, workdir)
+    sources = task_sources(data_config, workdir)
   multihost_utils.sync_global_devices("memjax: the data sources are built")
   if jax.process_index() != 0:
-    sources = _sources(data_config, workdir)
+    sources = task_sources(data_config, workdir)
   return sources
 
 
-def _sources(data_config: Any, workdir: str):
+def task_sources(data_config: Any, workdir: str):
   """Builds the train and test random-access sources named by the config.
 
   Args:
@@ -318,7 +331,7 @@ def _sources(data_config: Any, workdir: str):
 
 
 def _mqar_sources(data_config: Any, workdir: str):
-  """The sources of MQAR; see `_sources`."""
+  """The sources of MQAR; see `task_sources`."""
   task = data.MqarTask(
       **{f.name: data_config[f.name] for f in dataclasses.fields(data.MqarTask)}
   )
@@ -328,7 +341,7 @@ def _mqar_sources(data_config: Any, workdir: str):
 
 
 def _sniah_sources(data_config: Any, workdir: str):
-  """The sources of S-NIAH; see `_sources`."""
+  """The sources of S-NIAH; see `task_sources`."""
   task = data.SniahTask(
       needle=data_config.needle,
       context_length=data_config.seq_len,
@@ -350,7 +363,7 @@ def _synthetic_sources(
 
   Args:
     data_config: The `data` section of the config.
-    workdir: The run's directory; see `_sources`.
+    workdir: The run's directory; see `task_sources`.
     task: The task, e.g. an MqarTask.
     generate: Its generator, `generate(task, num_examples, seed)`, e.g.
       `data.generate_mqar`.
@@ -387,7 +400,7 @@ def _synthetic_sources(
 
 
 def _lm_sources(data_config: Any, workdir: str):
-  """The packed windows of a TFDS text dataset; see `_sources`."""
+  """The packed windows of a TFDS text dataset; see `task_sources`."""
   # A corpus lives in its TFDS data_dir (None: the TFDS default), shared by
   # runs, rather than in the run's directory.
   del workdir

@@ -16,6 +16,7 @@ import pytest
 from memjax import data
 from memjax import train
 from memjax.models import DecoderLM
+from memjax.train import loop
 from memjax.train import steps
 from tests.data.test_text import build_tiny_text
 
@@ -283,3 +284,9 @@ def test_schedule_warms_up_then_decays_to_zero():
   assert 0.0 < schedule(_HALF) < peak
   np.testing.assert_allclose(schedule(_NUM_STEPS), 0.0, atol=1e-9)
   assert isinstance(train.make_optimizer(config), optax.GradientTransformation)
+
+
+def test_progress_bar_fills_in_proportion():
+  assert loop.progress_bar(0, 40) == "[" + "-" * 20 + "]"
+  assert loop.progress_bar(10, 40) == "[" + "#" * 5 + "-" * 15 + "]"
+  assert loop.progress_bar(40, 40, width=4) == "[####]"
