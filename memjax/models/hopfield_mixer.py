@@ -40,6 +40,9 @@ class CausalHopfield(nn.Module):
   steps, the Hopfield layer's stopping rule looks at a head's whole association, later
   tokens included.
 
+  Under a mesh that splits the sequence over "seq", it has no context-parallel form: XLA
+  partitions it, which is correct but gathers the sequence.
+
   Attributes:
     num_heads: Hopfield heads H.
     head_dim: depth K of each head's Hopfield space.

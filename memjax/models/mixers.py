@@ -7,6 +7,11 @@ method is `init_state(batch_size, dim, max_length)` needs no adapter, so registe
 one line:
 
     MIXERS["my_mixer"] = Mixer(lambda s: MyMixer(num_heads=s.num_heads, head_dim=s.head_dim))
+
+Under a mesh that splits the sequence over "seq" (context parallelism), "linear",
+"deltanet" and "gdn" run their memory rule context-parallel (`memjax.nn.associative`): only
+states cross the "seq" devices. The other mixers have no context-parallel op; XLA
+partitions them, which is correct but gathers the sequence.
 """
 
 import dataclasses

@@ -13,6 +13,16 @@ differ only in the memory rule they call:
 State is explicit: `y, state = layer.apply(params, x, state)`, where the state holds the
 short-convolution windows and the float32 memory [B, H, K, V].
 
+Context parallelism: traced under a mesh whose "seq" axis has more than one device (the
+steps of `memjax.train`, `jax.set_mesh` or `jax.sharding.use_abstract_mesh`), a sequence
+runs its memory rule through `memjax.sharding.context_parallel_*`, with the tokens split
+over "seq", the batch and the heads as the logical axis rules in effect say
+(`flax.linen.logical_axis_rules`, else `memjax.sharding.DEFAULT_RULES`); B, T and H must be
+divisible by their devices. Only the memory state [B, H, K, V] of each shard crosses the
+"seq" devices, where XLA would gather the sequence. The projections, short convolutions and
+norms are per token (or a short causal window) and XLA partitions them. A single token
+(decoding) takes the unsharded one-token step.
+
 Logical axes of the parameters: the projections into heads [D, H * K] ("embed", "heads"),
 the output projection [H * V, D] ("heads", "embed"), the per-head `A_log` and `dt_bias`
 ("heads",), so tensor parallelism gives each device whole heads.
@@ -26,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax import ops
+from memjax import sharding
 from memjax.nn.conv import ShortConvolution
 from memjax.nn.norms import GatedRMSNorm
 from memjax.nn.norms import l2_normalize
@@ -156,9 +167,17 @@ class AssociativeMemory(nn.Module):
       return o[:, None], memory
     common = dict(initial_state=memory, return_final_state=True,
                   chunk_size=self.chunk_size, implementation=self.implementation)
+    delta_rule, linear_attention = ops.delta_rule, ops.linear_attention
+    # A mesh that splits the sequence: the shards pass states on rather than gather tokens.
+    seq_sharding = sharding.current_seq_sharding(
+        nn.get_logical_axis_rules() or sharding.DEFAULT_RULES)
+    if seq_sharding is not None:
+      common.update(seq_sharding)
+      delta_rule = sharding.context_parallel_delta_rule
+      linear_attention = sharding.context_parallel_linear_attention
     if self.use_beta:
-      return ops.delta_rule(q, k, v, beta, g, **common)
-    return ops.linear_attention(q, k, v, g, **common)
+      return delta_rule(q, k, v, beta, g, **common)
+    return linear_attention(q, k, v, g, **common)
 
 
 class LinearAttention(AssociativeMemory):

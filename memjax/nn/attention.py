@@ -20,6 +20,10 @@ a later token can see.
 Parameters: `qkv_proj` [D, 3, H, K] with logical axes ("embed", None, "heads", None), so
 tensor parallelism gives each device the q, k and v of whole heads, and `out_proj`
 [H * K, D] ("heads", "embed").
+
+Under a mesh that splits the sequence over "seq", attention has no context-parallel form
+here (no ring attention): XLA partitions it, which is correct but gathers the keys and
+values of the whole sequence onto each device.
 """
 
 from typing import NamedTuple, Optional

@@ -1,4 +1,7 @@
-"""Causal depthwise short convolution with an explicit state, for the memory mixers."""
+"""Causal depthwise short convolution with an explicit state, for the memory mixers.
+
+Under a mesh that splits the sequence over "seq", XLA partitions the convolution: each
+shard needs only the last `kernel_size - 1` tokens of the shard before it."""
 
 from typing import Optional
 

@@ -24,6 +24,10 @@ Logical axes of the parameters: the per-head ones (q and gate projections [D, H 
 [D, E * H]) and the router [D, M] keep their outputs whole (None): their outputs are
 memory-major, so an even split of them would not give each device whole heads (and E * H
 counts the shared memory, which mesh sizes rarely divide).
+
+Under a mesh that splits the sequence over "seq", `memjax.ops.mixture_of_memories` has no
+context-parallel version (unlike the mixers of `memjax.nn.associative`): XLA partitions the
+layer, which is correct but gathers the sequence.
 """
 
 from typing import NamedTuple, Optional

@@ -18,6 +18,10 @@ the output projection [H * K, D] ("heads", "embed"), the memory's initial weight
 [H, d_in, d_out] ("heads", None, None), the gates' up projections [rank, H] (None, "heads"),
 so tensor parallelism gives each device whole heads; the persistent tokens [N, D] are
 (None, "embed").
+
+Under a mesh that splits the sequence over "seq", the neural memory has no context-parallel
+op (its update is not affine in the state): XLA partitions the layer, which is correct but
+gathers the sequence.
 """
 
 from typing import NamedTuple, Optional, Union

@@ -19,6 +19,10 @@ Every layer maps `x [B, T, D]` to `(y [B, T, D], state)` with an explicit state:
 `state = layer.apply(params, B, D, method="init_state")` (it needs the parameters: the
 memory's initial weights and the persistent tokens), then `y, state = layer.apply(params,
 x, state)`. Running a sequence in pieces or token by token gives the outputs of one call.
+
+Under a mesh that splits the sequence over "seq", neither the memory nor the attention has
+a context-parallel op: XLA partitions these layers, which is correct but gathers the
+sequence.
 """
 
 from typing import ClassVar, NamedTuple, Optional, Tuple, Union

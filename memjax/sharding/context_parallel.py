@@ -18,11 +18,18 @@ devices from the initial state, and each takes the state it starts from. No call
 waits for the collective, and since only the ops are called, each of their implementations
 ("reference", "xla", "pallas") runs sharded; gradients are JAX's autodiff through the ops,
 the collectives and `jax.shard_map`.
+
+The mixers of `memjax.nn.associative` (LinearAttention, DeltaNet, GatedDeltaNet) call these
+by themselves when they run under a mesh whose "seq" axis has more than one device:
+`current_seq_sharding` finds the mesh of the context (`memjax.train`'s steps set it, or
+`jax.set_mesh` / `jax.sharding.use_abstract_mesh`) and the mesh axes of the logical axis
+rules. The other mixers have no context-parallel op: under such a mesh XLA partitions them,
+which is correct but gathers the sequence.
 """
 
 import functools
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +41,24 @@ from memjax.ops import chunking
 from memjax.ops import validation
 # The dtype linear_scan accumulates in: the shards' states must match the op's.
 from memjax.ops.scan import accumulation_dtype
+from memjax.sharding.rules import DEFAULT_RULES
+from memjax.sharding.rules import Rules
+from memjax.sharding.rules import logical_to_spec
 
 _BATCH_AXES = ("data", "fsdp")
+# A `jax.sharding.Mesh`, or inside `jax.jit` the `AbstractMesh` of the context.
+AnyMesh = Union[jax.sharding.Mesh, jax.sharding.AbstractMesh]
+
+
+def _axes(entry) -> Tuple[str, ...]:
+  """The mesh axes of a PartitionSpec entry (None, a name or a tuple of names)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _check_mesh(mesh, batch_axes, head_axis, seq_axis, head_arg):
-  named = tuple(batch_axes) + (() if head_axis is None else (head_axis,)) + (seq_axis,)
+  named = tuple(batch_axes) + _axes(head_axis) + (seq_axis,)
   missing = [axis for axis in named if axis not in mesh.axis_names]
   if missing:
     raise ValueError(f"mesh axes {missing} are not in the mesh {dict(mesh.shape)}")
@@ -155,7 +174,7 @@ def _context_parallel_memory(op, q, k, v, gates, *, mesh, scale, initial_state,
   _check_divisible("B", batch, mesh, batch_axes)
   _check_divisible("T", length, mesh, (seq_axis,))
   if head_axis is not None:
-    _check_divisible("H", heads, mesh, (head_axis,))
+    _check_divisible("H", heads, mesh, _axes(head_axis))
   o, final = _sharded_memory(
       q, k, v, {name: gate for name, gate in gates.items() if gate is not None}, initial_state,
       op=op, mesh=mesh, scale=scale, chunk_size=chunk_size, implementation=implementation,
@@ -169,7 +188,7 @@ def context_parallel_linear_attention(
     v: jax.Array,
     g: Optional[jax.Array] = None,
     *,
-    mesh: jax.sharding.Mesh,
+    mesh: AnyMesh,
     scale: Optional[float] = None,
     initial_state: Optional[jax.Array] = None,
     return_final_state: bool = False,
@@ -177,7 +196,7 @@ def context_parallel_linear_attention(
     implementation: Optional[str] = None,
     check_finite: bool = False,
     batch_axes: Sequence[str] = _BATCH_AXES,
-    head_axis: Optional[str] = "model",
+    head_axis: Union[None, str, Tuple[str, ...]] = "model",
     seq_axis: str = "seq",
 ):
   """`memjax.ops.linear_attention` with the time axis split over the mesh axis `seq_axis`.
@@ -190,7 +209,8 @@ def context_parallel_linear_attention(
     k: keys [B, T, H, K].
     v: values [B, T, H, V].
     g: log-decays [B, T, H] (<= 0), or None for no decay.
-    mesh: the device mesh.
+    mesh: the device mesh, or its `AbstractMesh` (e.g. `jax.sharding.get_abstract_mesh()`)
+      where the jit's shardings or `jax.set_mesh` name the devices.
     scale: output scale (a Python number), None for `K ** -0.5`.
     initial_state: [B, H, K, V] float32, the state before the first token; zeros when None.
     return_final_state: also return the state after the last token.
@@ -199,7 +219,7 @@ def context_parallel_linear_attention(
     implementation: the implementation of `memjax.ops.linear_attention` each shard runs.
     check_finite: raise a ValueError if an input holds NaN or inf (outside jit only).
     batch_axes: mesh axes that split B (none: an empty tuple).
-    head_axis: mesh axis that splits H, or None.
+    head_axis: mesh axis (or tuple of axes) that splits H, or None.
     seq_axis: mesh axis that splits T.
 
   Returns:
@@ -224,7 +244,7 @@ def context_parallel_delta_rule(
     beta: jax.Array,
     g: Optional[jax.Array] = None,
     *,
-    mesh: jax.sharding.Mesh,
+    mesh: AnyMesh,
     scale: Optional[float] = None,
     initial_state: Optional[jax.Array] = None,
     return_final_state: bool = False,
@@ -232,7 +252,7 @@ def context_parallel_delta_rule(
     implementation: Optional[str] = None,
     check_finite: bool = False,
     batch_axes: Sequence[str] = _BATCH_AXES,
-    head_axis: Optional[str] = "model",
+    head_axis: Union[None, str, Tuple[str, ...]] = "model",
     seq_axis: str = "seq",
 ):
   """`memjax.ops.delta_rule` with the time axis split over the mesh axis `seq_axis`.
@@ -246,7 +266,8 @@ def context_parallel_delta_rule(
     v: values [B, T, H, V].
     beta: write strengths [B, T, H], usually in (0, 1).
     g: log-decays [B, T, H] (<= 0), or None for DeltaNet.
-    mesh: the device mesh.
+    mesh: the device mesh, or its `AbstractMesh` (e.g. `jax.sharding.get_abstract_mesh()`)
+      where the jit's shardings or `jax.set_mesh` name the devices.
     scale: output scale (a Python number), None for `K ** -0.5`.
     initial_state: [B, H, K, V] float32, the state before the first token; zeros when None.
     return_final_state: also return the state after the last token.
@@ -255,7 +276,7 @@ def context_parallel_delta_rule(
     implementation: the implementation of `memjax.ops.delta_rule` each shard runs.
     check_finite: raise a ValueError if an input holds NaN or inf (outside jit only).
     batch_axes: mesh axes that split B (none: an empty tuple).
-    head_axis: mesh axis that splits H, or None.
+    head_axis: mesh axis (or tuple of axes) that splits H, or None.
     seq_axis: mesh axis that splits T.
 
   Returns:
@@ -302,11 +323,11 @@ def context_parallel_linear_scan(
     b: jax.Array,
     h0: Optional[jax.Array] = None,
     *,
-    mesh: jax.sharding.Mesh,
+    mesh: AnyMesh,
     reverse: bool = False,
     implementation: Optional[str] = None,
     batch_axes: Sequence[str] = _BATCH_AXES,
-    feature_axis: Optional[str] = "model",
+    feature_axis: Union[None, str, Tuple[str, ...]] = "model",
     seq_axis: str = "seq",
 ) -> jax.Array:
   """`memjax.ops.linear_scan` (`h_t = a_t * h_{t-1} + b_t`) with axis 1 split over `seq_axis`.
@@ -316,11 +337,13 @@ def context_parallel_linear_scan(
     b: inputs, same shape as `a`.
     h0: initial state, [B, ...] (`a.shape` without axis 1); zeros when None. With
       `reverse=True`, the state after the last step.
-    mesh: the device mesh.
+    mesh: the device mesh, or its `AbstractMesh` (e.g. `jax.sharding.get_abstract_mesh()`)
+      where the jit's shardings or `jax.set_mesh` name the devices.
     reverse: run the recurrence from the last step to the first.
     implementation: the implementation of `memjax.ops.linear_scan` each shard runs.
     batch_axes: mesh axes that split B (none: an empty tuple).
-    feature_axis: mesh axis that splits axis 2 of `a` and `b` (if they have one), or None.
+    feature_axis: mesh axis (or tuple of axes) that splits axis 2 of `a` and `b` (if they
+      have one), or None.
     seq_axis: mesh axis that splits T.
 
   Returns:
@@ -340,8 +363,43 @@ def context_parallel_linear_scan(
   _check_divisible("B", a.shape[0], mesh, batch_axes)
   _check_divisible("T", a.shape[1], mesh, (seq_axis,))
   if feature_axis is not None:
-    _check_divisible("a.shape[2]", a.shape[2], mesh, (feature_axis,))
+    _check_divisible("a.shape[2]", a.shape[2], mesh, _axes(feature_axis))
   if h0 is None:
     h0 = jnp.zeros(a.shape[:1] + a.shape[2:], accumulation_dtype(a, b))
   return _sharded_scan(a, b, h0, mesh=mesh, reverse=reverse, implementation=implementation,
                        batch_axes=batch_axes, feature_axis=feature_axis, seq_axis=seq_axis)
+
+
+def current_seq_sharding(rules: Rules = DEFAULT_RULES) -> Optional[dict]:
+  """How the context splits the sequence, as arguments of the context-parallel ops.
+
+  The context's mesh is the one `jax.sharding.get_abstract_mesh` sees: set by
+  `jax.set_mesh(mesh)` or `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)` (the steps
+  of `memjax.train` trace the model so). The deprecated `with mesh:` does not set it.
+
+  Args:
+    rules: the logical axis rules the activations are laid out by; their "seq", "batch"
+      and "heads" give the mesh axes (a logical name without a rule is not split).
+
+  Returns:
+    None if there is no mesh, or the rules do not split "seq" over exactly one of its axes
+    with more than one device (and not a manual axis of an enclosing `jax.shard_map`).
+    Otherwise the keyword arguments `mesh` (the abstract mesh), `seq_axis`, `batch_axes`
+    and `head_axis` of `context_parallel_linear_attention` and
+    `context_parallel_delta_rule`; mesh axes the mesh lacks, or that are manual, are left
+    out.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  known = dict(rules)
+  # Inside a jax.shard_map, its manual axes are already split by hand.
+  free = set(mesh.axis_names) - set(mesh.manual_axes)
+  batch, seq, heads = (
+      tuple(axis for axis in _axes(entry) if axis in free)
+      for entry in logical_to_spec(
+          [name if name in known else None for name in ("batch", "seq", "heads")], rules))
+  if len(seq) != 1 or mesh.shape[seq[0]] == 1:
+    return None
+  return dict(mesh=mesh, seq_axis=seq[0], batch_axes=batch, head_axis=heads or None)
+
