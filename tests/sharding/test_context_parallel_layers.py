@@ -12,12 +12,11 @@ from jax.sharding import PartitionSpec as P
 
 from memjax import nn as mnn
 from memjax import sharding
-from memjax import train
 from memjax.models import DecoderLM
 from memjax.sharding import context_parallel
 from memjax.train import sharded
 from tests.conftest import GRAD_RTOL, RTOL, assert_close
-from tests.sharding.test_sharded_training import _optimizer
+from tests.sharding.test_sharded_training import train_steps
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py makes 8 CPU devices)")
@@ -170,13 +169,8 @@ def _batches():
 
 
 def _train(mesh):
-  batches, optimizer = _batches(), _optimizer()
-  state = train.create_train_state(_MODEL, optimizer, jax.random.key(0), batches[0], mesh=mesh)
-  step = train.make_train_step(_MODEL, optimizer, mesh=mesh, example_batch=batches[0])
-  losses = []
-  for batch in batches:
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss_sum"]) / float(metrics["count"]))
+  batches = _batches()
+  losses, state, step = train_steps(_MODEL, mesh, batches)
   return losses, state, step.lower(state, batches[0]).as_text()
 
 

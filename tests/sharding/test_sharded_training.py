@@ -4,7 +4,6 @@ parameters a mesh cannot split evenly raise errors that name them."""
 
 import os
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -15,7 +14,6 @@ from memjax import sharding
 from memjax import train
 from memjax.models import DecoderLM
 from memjax.train import optim
-from memjax.train import sharded
 from tests.conftest import assert_close
 from tests.train.test_loop import _tiny_config
 
@@ -43,16 +41,25 @@ def _batches(count, batch_size=_B):
   return [{"inputs": tokens(), "labels": tokens()} for _ in range(count)]
 
 
-def _train(mesh, batches):
-  """`_STEPS` steps from the same initial parameters; returns (losses, final state)."""
+def train_steps(model, mesh, batches):
+  """One step per batch from the same initial parameters, on `mesh` (None: one device).
+
+  Returns:
+    (losses, final state, the jitted step).
+  """
   optimizer = _optimizer()
-  state = train.create_train_state(_MODEL, optimizer, jax.random.key(0), batches[0], mesh=mesh)
-  step = train.make_train_step(_MODEL, optimizer, mesh=mesh, example_batch=batches[0])
+  state = train.create_train_state(model, optimizer, jax.random.key(0), batches[0], mesh=mesh)
+  step = train.make_train_step(model, optimizer, mesh=mesh, example_batch=batches[0])
   losses = []
   for batch in batches:
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss_sum"]) / float(metrics["count"]))
-  return losses, state
+  return losses, state, step
+
+
+def _train(mesh, batches):
+  """`train_steps` of this file's model; returns (losses, final state)."""
+  return train_steps(_MODEL, mesh, batches)[:2]
 
 
 @pytest.fixture(scope="module")
