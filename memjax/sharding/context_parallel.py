@@ -44,21 +44,16 @@ from memjax.ops.scan import accumulation_dtype
 from memjax.sharding.rules import DEFAULT_RULES
 from memjax.sharding.rules import Rules
 from memjax.sharding.rules import logical_to_spec
+from memjax.sharding.rules import mesh_axes
 
 _BATCH_AXES = ("data", "fsdp")
 # A `jax.sharding.Mesh`, or inside `jax.jit` the `AbstractMesh` of the context.
 AnyMesh = Union[jax.sharding.Mesh, jax.sharding.AbstractMesh]
 
 
-def _axes(entry) -> Tuple[str, ...]:
-  """The mesh axes of a PartitionSpec entry (None, a name or a tuple of names)."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
 
 def _check_mesh(mesh, batch_axes, head_axis, seq_axis, head_arg):
-  named = tuple(batch_axes) + _axes(head_axis) + (seq_axis,)
+  named = tuple(batch_axes) + mesh_axes(head_axis) + (seq_axis,)
   missing = [axis for axis in named if axis not in mesh.axis_names]
   if missing:
     raise ValueError(f"mesh axes {missing} are not in the mesh {dict(mesh.shape)}")
@@ -174,7 +169,7 @@ def _context_parallel_memory(op, q, k, v, gates, *, mesh, scale, initial_state,
   _check_divisible("B", batch, mesh, batch_axes)
   _check_divisible("T", length, mesh, (seq_axis,))
   if head_axis is not None:
-    _check_divisible("H", heads, mesh, _axes(head_axis))
+    _check_divisible("H", heads, mesh, mesh_axes(head_axis))
   o, final = _sharded_memory(
       q, k, v, {name: gate for name, gate in gates.items() if gate is not None}, initial_state,
       op=op, mesh=mesh, scale=scale, chunk_size=chunk_size, implementation=implementation,
@@ -363,7 +358,7 @@ def context_parallel_linear_scan(
   _check_divisible("B", a.shape[0], mesh, batch_axes)
   _check_divisible("T", a.shape[1], mesh, (seq_axis,))
   if feature_axis is not None:
-    _check_divisible("a.shape[2]", a.shape[2], mesh, _axes(feature_axis))
+    _check_divisible("a.shape[2]", a.shape[2], mesh, mesh_axes(feature_axis))
   if h0 is None:
     h0 = jnp.zeros(a.shape[:1] + a.shape[2:], accumulation_dtype(a, b))
   return _sharded_scan(a, b, h0, mesh=mesh, reverse=reverse, implementation=implementation,
@@ -396,7 +391,7 @@ def current_seq_sharding(rules: Rules = DEFAULT_RULES) -> Optional[dict]:
   # Inside a jax.shard_map, its manual axes are already split by hand.
   free = set(mesh.axis_names) - set(mesh.manual_axes)
   batch, seq, heads = (
-      tuple(axis for axis in _axes(entry) if axis in free)
+      tuple(axis for axis in mesh_axes(entry) if axis in free)
       for entry in logical_to_spec(
           [name if name in known else None for name in ("batch", "seq", "heads")], rules))
   if len(seq) != 1 or mesh.shape[seq[0]] == 1:

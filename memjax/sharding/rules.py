@@ -43,7 +43,8 @@ DEFAULT_RULES: Rules = (
 )
 
 
-def _mesh_axes(axes: MeshAxes) -> Tuple[str, ...]:
+def mesh_axes(axes: MeshAxes) -> Tuple[str, ...]:
+  """The mesh axes of a rule's value or a PartitionSpec entry (None, a name or a tuple)."""
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -76,7 +77,7 @@ def rules_from_config(
     _check_logical(name, dict(base))
     if name in overrides:
       raise ValueError(f"sharding rules give {name!r} twice")
-    unknown = [axis for axis in _mesh_axes(axes) if axis not in MESH_AXES]
+    unknown = [axis for axis in mesh_axes(axes) if axis not in MESH_AXES]
     if unknown:
       raise ValueError(f"sharding rule for {name!r} names unknown mesh axes {unknown}; the "
                        f"mesh axes are {MESH_AXES}")
@@ -110,7 +111,7 @@ def logical_to_spec(
       spec.append(None)
       continue
     _check_logical(name, by_name)
-    axes = tuple(axis for axis in _mesh_axes(by_name[name]) if axis not in taken)
+    axes = tuple(axis for axis in mesh_axes(by_name[name]) if axis not in taken)
     taken.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*spec)
@@ -135,7 +136,7 @@ def logical_sharding(
     ValueError: for an unknown logical name or a mesh axis that `mesh` lacks.
   """
   spec = logical_to_spec(names, rules)
-  missing = [axis for entry in spec for axis in _mesh_axes(entry)
+  missing = [axis for entry in spec for axis in mesh_axes(entry)
              if axis not in mesh.axis_names]
   if missing:
     raise ValueError(f"logical axes {tuple(names)} map to mesh axes {missing} that the mesh "

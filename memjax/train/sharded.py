@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from memjax import sharding
+from memjax.sharding.rules import mesh_axes
 
 # The logical axes of the leading dims of every batch array: [B, T, ...].
 BATCH_AXES = ("batch", "seq")
@@ -63,12 +64,6 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def _mesh_axes(entry) -> tuple:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def split_devices(name: str, mesh: jax.sharding.Mesh, rules: sharding.Rules):
   """The mesh axes that split the logical axis `name`, and their number of devices.
 
@@ -80,7 +75,7 @@ def split_devices(name: str, mesh: jax.sharding.Mesh, rules: sharding.Rules):
   Returns:
     `(axes, devices)`: a tuple of mesh axis names and the product of their sizes.
   """
-  axes = _mesh_axes(sharding.logical_to_spec((name,), rules)[0])
+  axes = mesh_axes(sharding.logical_to_spec((name,), rules)[0])
   return axes, math.prod(mesh.shape[axis] for axis in axes)
 
 
@@ -108,7 +103,7 @@ def logical_array_sharding(what: str, shape: Sequence[int], names: Sequence[Opti
                      f"it needs one per dimension")
   result = sharding.logical_sharding(names, mesh, rules)
   for dim, (size, name, entry) in enumerate(zip(shape, names, result.spec)):
-    axes = _mesh_axes(entry)
+    axes = mesh_axes(entry)
     devices = math.prod(mesh.shape[axis] for axis in axes)
     if size % devices:
       raise ValueError(
