@@ -82,6 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           scan_layers=True,
           # "reference" | "xla" | "pallas"; None picks the fastest available.
           implementation=config_dict.placeholder(str),
+          # Span of "swa" (sliding-window attention) layers; None for other mixers.
+          attention_window=config_dict.placeholder(int),
       )
   )
   config.data = ml_collections.ConfigDict(

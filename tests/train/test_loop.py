@@ -213,6 +213,15 @@ def test_sniah_tiny_config_runs(tmp_path):
   assert os.listdir(tmp_path / "tfds" / "sniah")
 
 
+def test_sniah_tiny_config_runs_with_sliding_window_attention(tmp_path):
+  # The S-NIAH baseline of the Titans table: "swa" layers need config.model.attention_window.
+  config = _config("sniah", "tiny")
+  config.model.mixers = "swa"
+  config.model.attention_window = 16
+  config.data.source = "numpy"
+  _smoke_run(config, tmp_path)
+
+
 def test_lm_tiny_config_runs_on_a_local_dataset(tmp_path):
   config = _config("lm", "tiny")
   config.data.dataset = build_tiny_text(tmp_path / "tfds")
