@@ -145,7 +145,7 @@ def delta_rule(
     chunk_size: chunk length of the chunkwise form (any positive int; T need not be a
       multiple of it).
     implementation: "reference", "xla", "pallas" or None (the kernel on GPU/TPU for the
-      shapes it supports, else "xla").
+      shapes it supports, except float32 inputs on a GPU, else "xla").
     check_finite: raise a ValueError if an input holds NaN or inf (outside jit only).
 
   Returns:
@@ -156,7 +156,8 @@ def delta_rule(
       q, k, v, {"beta": beta, "g": g}, scale=scale, initial_state=initial_state,
       chunk_size=chunk_size, check_finite=check_finite)
   impl = dispatch.choose("delta_rule", implementation, _IMPLEMENTATIONS,
-                         kernel_common.unsupported(k, v, chunk_size))
+                         kernel_common.unsupported(k, v, chunk_size),
+                         pallas_slower=kernel_common.slower_than_xla(k))
   o, final = impl(q, k, v, beta, g, scale, state, chunk_size)
   o = o.astype(v.dtype)
   return (o, final) if return_final_state else o

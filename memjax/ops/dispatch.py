@@ -8,7 +8,8 @@ Every op has up to three implementations behind one signature:
 
 ``implementation=None`` picks the fastest one registered for the op, in the order of
 `PREFERENCE`, skipping ``"pallas"`` unless the default backend compiles Pallas kernels
-(GPU or TPU; see `pallas_compiles`). An explicit ``"pallas"`` on a CPU runs the kernel body
+(GPU or TPU; see `pallas_compiles`), and skipping it too where the op reports the kernel
+measured slower than its xla form for the call (`pallas_slower`). An explicit ``"pallas"`` on a CPU runs the kernel body
 in the Pallas interpreter: slow, but the real kernel. Asking for an implementation the op
 does not have is a `ValueError`.
 """
@@ -32,6 +33,7 @@ def choose(
     implementation: Optional[str],
     available: Mapping[str, Callable],
     pallas_unsupported: Optional[str] = None,
+    pallas_slower: Optional[str] = None,
 ) -> Callable:
   """Returns the function implementing `op_name` for the requested implementation.
 
@@ -42,6 +44,9 @@ def choose(
     pallas_unsupported: why the kernel cannot take this call's shapes or dtypes, or None
       if it can. `implementation=None` then falls back to the next implementation; an
       explicit "pallas" raises a ValueError with this reason.
+    pallas_slower: why the kernel, though it can take this call, is slower than the next
+      implementation on this backend, or None. `implementation=None` then skips it; an
+      explicit "pallas" still runs it.
 
   Returns:
     The chosen implementation's function.
@@ -52,7 +57,8 @@ def choose(
   if implementation is None:
     for name in PREFERENCE:
       if name in available and (
-          name != "pallas" or (pallas_compiles() and pallas_unsupported is None)):
+          name != "pallas" or (pallas_compiles() and pallas_unsupported is None
+                               and pallas_slower is None)):
         return available[name]
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(

@@ -116,7 +116,7 @@ def linear_attention(
     chunk_size: chunk length of the chunkwise form (any positive int; T need not be a
       multiple of it).
     implementation: "reference", "xla", "pallas" or None (the kernel on GPU/TPU for the
-      shapes it supports, else "xla").
+      shapes it supports, except float32 inputs on a GPU, else "xla").
     check_finite: raise a ValueError if an input holds NaN or inf (outside jit only).
 
   Returns:
@@ -127,7 +127,8 @@ def linear_attention(
       q, k, v, {"g": g}, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
       check_finite=check_finite)
   impl = dispatch.choose("linear_attention", implementation, _IMPLEMENTATIONS,
-                         kernel_common.unsupported(k, v, chunk_size))
+                         kernel_common.unsupported(k, v, chunk_size),
+                         pallas_slower=kernel_common.slower_than_xla(k))
   o, final = impl(q, k, v, g, scale, state, chunk_size)
   o = o.astype(v.dtype)
   return (o, final) if return_final_state else o

@@ -10,6 +10,7 @@ from memjax import ops
 from memjax.kernels import compat
 from memjax.kernels.delta_rule import BlockSizes
 from memjax.kernels.delta_rule import chunked
+from memjax.kernels.delta_rule import common as kernel_common
 from memjax.kernels.delta_rule import gpu
 from memjax.kernels.delta_rule import tpu
 from memjax.ops import dispatch
@@ -126,6 +127,28 @@ def test_unsupported_shapes_fall_back_or_raise(key, monkeypatch):
   # As on a GPU: None picks the kernel where it can and the xla form where it cannot.
   monkeypatch.setattr(dispatch, "pallas_compiles", lambda: True)
   np.testing.assert_array_equal(ops.delta_rule(**x), ops.delta_rule(**x, implementation="xla"))
+
+
+def test_float32_on_a_gpu_defaults_to_the_xla_form(key, monkeypatch):
+  # The GPU kernels' float32 matmuls run on the CUDA cores (see slower_than_xla).
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  x = memory_inputs(key, 1, 20, 1, 64, 64)
+  assert x["k"].dtype == jnp.float32
+  np.testing.assert_array_equal(ops.delta_rule(**x), ops.delta_rule(**x, implementation="xla"))
+  args = (x["q"], x["k"], x["v"], x["g"])
+  np.testing.assert_array_equal(ops.linear_attention(*args),
+                                ops.linear_attention(*args, implementation="xla"))
+  assert kernel_common.slower_than_xla(x["k"].astype(jnp.bfloat16)) is None
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert kernel_common.slower_than_xla(x["k"]) is None
+
+
+def test_a_slower_kernel_is_skipped_by_default_but_runs_when_asked(monkeypatch):
+  impls = {"xla": lambda: "xla", "pallas": lambda: "pallas"}
+  monkeypatch.setattr(dispatch, "pallas_compiles", lambda: True)
+  assert dispatch.choose("op", None, impls)() == "pallas"
+  assert dispatch.choose("op", None, impls, pallas_slower="slow")() == "xla"
+  assert dispatch.choose("op", "pallas", impls, pallas_slower="slow")() == "pallas"
 
 
 @pytest.mark.parametrize("blocks", [BlockSizes(chunk=48, value=64), BlockSizes(value=48),
