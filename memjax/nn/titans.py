@@ -19,9 +19,11 @@ the output projection [H * K, D] ("heads", "embed"), the memory's initial weight
 so tensor parallelism gives each device whole heads; the persistent tokens [N, D] are
 (None, "embed").
 
-Under a mesh that splits the sequence over "seq", the neural memory has no context-parallel
-op (its update is not affine in the state): XLA partitions the layer, which is correct but
-gathers the sequence.
+Under a mesh that splits the sequence over "seq", a fresh sequence (no state given, no
+persistent tokens) through a linear memory (`memory_depth=1`) with the "titans" rule runs
+`memjax.sharding.context_parallel_neural_memory` when each shard holds whole chunks. The MLP
+memory and the other Miras rules are not affine in the state, so there XLA partitions the
+layer, which is correct but gathers the sequence.
 """
 
 from typing import NamedTuple, Optional, Union
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax import ops
+from memjax import sharding
 from memjax.ops import chunking
 from memjax.ops import miras
 from memjax.ops import titans as titans_ops
@@ -40,6 +43,7 @@ from memjax.nn.norms import GatedRMSNorm
 from memjax.nn.norms import l2_normalize
 from memjax.nn.partitioning import dense
 from memjax.nn.partitioning import partitioned
+from memjax.sharding import context_parallel_titans
 
 
 class NeuralMemoryLayerState(NamedTuple):
@@ -188,9 +192,12 @@ class NeuralMemory(nn.Module):
     Returns:
       `(y, state)`: outputs [B, T, D] and the state after the last token.
     """
+    # Context parallelism needs the memory at a chunk start: a fresh sequence with no
+    # persistent tokens before it.
+    fresh = state is None and self.num_persistent_tokens == 0
     if state is None:
       state = self.init_state(x.shape[0], x.shape[-1])
-    return self._mix(x, state)
+    return self._mix(x, state, fresh)
 
   def read(self, x: jax.Array, weights, conv_q: jax.Array):
     """`M*(q)`: the layer's output for queries from x with fixed memory weights, no write.
@@ -215,6 +222,22 @@ class NeuralMemory(nn.Module):
                                  chunking.matmul_precision(x.dtype))
     return self._output(jnp.swapaxes(o, 1, 2).astype(x.dtype), x), conv_q
 
+  def _context_parallel(self, t: int, fresh: bool):
+    """The mesh arguments of `context_parallel_neural_memory` for a sequence of t tokens,
+    or None where it does not apply (no mesh splits the sequence; an MLP memory or a
+    non-l2 rule, which are not affine in the state; shards that would not start chunks).
+    Then XLA partitions the unsharded op, which is correct but gathers the sequence."""
+    if not fresh or context_parallel_titans.unsupported(self.rule, self.memory_depth):
+      return None
+    seq_sharding = sharding.current_seq_sharding(
+        nn.get_logical_axis_rules() or sharding.DEFAULT_RULES)
+    if seq_sharding is None:
+      return None
+    devices = seq_sharding["mesh"].shape[seq_sharding["seq_axis"]]
+    if t % devices or (t // devices) % self.chunk_size:
+      return None
+    return seq_sharding
+
   def _features(self, name, x, window):
     """Projection `name` ("q", "k" or "v") through its short convolution (or SiLU if none)."""
     y = getattr(self, f"{name}_proj")(x)
@@ -228,7 +251,8 @@ class NeuralMemory(nn.Module):
     gate = self.gate_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     return self.out_proj(self.out_norm(o, gate).reshape(b, t, -1), d)
 
-  def _mix(self, x, state):
+  def _mix(self, x, state, fresh=False):
+    """The layer on the sequence x from `state`; `fresh`: the state is at a chunk start."""
     b, t, _ = x.shape
     h, k = self.num_heads, self.head_dim
     q, conv_q = self._features("q", x, state.conv_q)
@@ -244,12 +268,19 @@ class NeuralMemory(nn.Module):
     if miras.resolve(self.rule).loss == "huber":
       delta = jax.nn.softplus(self.huber_gate(x))
     common = dict(rule=self.rule, activation=self.activation)
+    seq_sharding = self._context_parallel(t, fresh) if t > 1 else None
     if t == 1:
       first = lambda a: None if a is None else a[:, 0]
       o, memory = ops.neural_memory_step(
           first(q), first(kk), first(vv), first(theta), first(eta), first(alpha),
           first(delta), state=state.memory, chunk_size=self.chunk_size, **common)
       o = o[:, None]
+    elif seq_sharding is not None:
+      # A mesh splits the sequence: the shards pass states on rather than gather tokens.
+      o, memory = sharding.context_parallel_neural_memory(
+          q, kk, vv, theta, eta, alpha, rule=self.rule, initial_state=state.memory,
+          return_final_state=True, chunk_size=self.chunk_size,
+          implementation=self.implementation, **seq_sharding)
     else:
       o, memory = ops.neural_memory(
           q, kk, vv, theta, eta, alpha, huber_delta=delta, initial_state=state.memory,

@@ -23,8 +23,9 @@ The mixers of `memjax.nn.associative` (LinearAttention, DeltaNet, GatedDeltaNet)
 by themselves when they run under a mesh whose "seq" axis has more than one device:
 `current_seq_sharding` finds the mesh of the context (`memjax.train`'s steps set it, or
 `jax.set_mesh` / `jax.sharding.use_abstract_mesh`) and the mesh axes of the logical axis
-rules. The other mixers have no context-parallel op: under such a mesh XLA partitions them,
-which is correct but gathers the sequence.
+rules; so does the Titans NeuralMemory layer with a linear memory and the "titans" rule
+(`memjax.sharding.context_parallel_titans`). The other mixers have no context-parallel op:
+under such a mesh XLA partitions them, which is correct but gathers the sequence.
 """
 
 import functools

@@ -107,6 +107,39 @@ def test_layer_under_set_mesh_runs_context_parallel(key, monkeypatch):
       "seq", ("data", "fsdp"), ("model",))
 
 
+@pytest.mark.parametrize("depth, rule, calls", [(1, "titans", 1), (2, "titans", 0),
+                                                 (1, "moneta", 0)])
+def test_titans_layer_runs_context_parallel_where_its_memory_is_affine(
+    key, monkeypatch, depth, rule, calls):
+  """The linear memory with the "titans" rule runs context-parallel (outputs and gradients
+  as on one device); the MLP memory and the Moneta rule stay unsharded ops, also equal."""
+  seen = []
+  original = sharding.context_parallel_neural_memory
+  monkeypatch.setattr(sharding, "context_parallel_neural_memory",
+                      lambda *args, **kwargs: seen.append(kwargs) or original(*args, **kwargs))
+  layer = mnn.NeuralMemory(num_heads=2, head_dim=16, memory_depth=depth, rule=rule,
+                           use_momentum=rule == "titans", chunk_size=8, implementation="xla")
+  x, cotangent, _ = _inputs(key)
+  params = layer.init(jax.random.key(1), x)
+
+  def loss(params, x):
+    y, state = layer.apply(params, x)
+    return jnp.sum(y * cotangent), (y, state.memory.weights)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  (want_params, want_x), (want_y, want_memory) = grad(params, x)
+  assert not seen
+  with jax.set_mesh(sharding.make_mesh(_SEQ4)):
+    (got_params, got_x), (got_y, got_memory) = grad(params, x)
+  assert len(seen) == calls
+  assert_close(got_y, want_y, RTOL[jnp.float32], "y")
+  jax.tree.map(lambda a, b: assert_close(a, b, RTOL[jnp.float32], "memory"), got_memory,
+               want_memory)
+  assert_close(got_x, want_x, GRAD_RTOL[jnp.float32], "grad x")
+  jax.tree.map(lambda a, b: assert_close(a, b, GRAD_RTOL[jnp.float32], "grad params"),
+               got_params, want_params)
+
+
 def test_decoding_one_token_on_a_seq_mesh_is_unsharded(key, monkeypatch):
   monkeypatch.setattr(sharding, "context_parallel_delta_rule", None)  # must not be called
   layer = _layer("gdn")
