@@ -16,8 +16,8 @@ nothing) unrolls from the chunk's starting (W0, S0) to
     Q_ts = sum_{s<=r<=t} (prod_{r<i<=t} a_i) m_r P_rs,
     B_t  = sum_{r<=t} (prod_{r<i<=t} a_i) m_r E_r,      D_t = prod_{i<=t} a_i.
 
-The coefficients are exponentiated differences of cumulative log gates and one matmul
-(`_coefficients`): elementwise work and a [C, C] product per chunk, also in the backward.
+The coefficients are cumulative products of the gates and one matmul (`_coefficients`):
+elementwise work and a [C, C] product per chunk, also in the backward.
 A layer's output for an input h_t is then
 `h_t W_t = D_t h_t W0 + B_t h_t S0 - sum_s theta_s Q_ts (h_t . x_s) delta_s`: matmuls, and
 the per-token weights are never built. The chunk-end (W, S) are the same sums at t = C.
@@ -58,11 +58,13 @@ def _pad_time(x, front, back, fill):
 def _coefficients(eta, decay, mask):
   """The dual-form coefficients of every chunk (see the module docstring).
 
-  Products over token ranges are differences of cumulative log sums, exponentiated only
-  where the range is causal (s <= t), so nothing above the diagonal can overflow. A gate
-  of exactly 0 (eta = None is all zeros) is taken as the smallest normal float32, whose
-  products are 0 to float32 precision for every range that holds it. Q and B are one
-  matmul each: `Q = A diag(m) P`, `B = A (m * E)` with `A_tr = prod_{r<i<=t} a_i`.
+  Products over token ranges are cumulative products down the columns of a [C, C] matrix
+  holding gate_t below the diagonal and 1 elsewhere, so a gate of exactly 0 (eta = None is
+  all zeros; alpha = 1) cuts every range that holds it, and the gradient of that gate is
+  the product of the others, as in the token-by-token recurrence. (Differences of
+  cumulative log gates would need a floor for log 0, which drops that gradient, and lose
+  precision to cancellation when a gate is small.) Q and B are one matmul each:
+  `Q = A diag(m) P`, `B = A (m * E)` with `A_tr = prod_{r<i<=t} a_i`.
 
   Args:
     eta, decay, mask: [B, H, N, C] momentum, 1 - alpha and the real-token mask.
@@ -72,14 +74,14 @@ def _coefficients(eta, decay, mask):
   """
   c = eta.shape[-1]
   causal = jnp.tril(jnp.ones((c, c), bool))
-  tiny = jnp.finfo(jnp.float32).tiny
+  below = jnp.tril(jnp.ones((c, c), bool), -1)
   hi = lax.Precision.HIGHEST
 
   def products(gate):
     """`(prod_{s<i<=t} gate_i` [..., C, C] (0 above the diagonal), `prod_{i<=t} gate_i`)."""
-    logs = jnp.cumsum(jnp.log(jnp.maximum(gate, tiny)), axis=-1)
-    diff = jnp.where(causal, logs[..., :, None] - logs[..., None, :], 0.0)
-    return jnp.where(causal, jnp.exp(diff), 0.0), jnp.exp(logs)
+    factors = jnp.where(below, gate[..., :, None], 1.0)
+    return (jnp.where(causal, jnp.cumprod(factors, axis=-2), 0.0),
+            jnp.cumprod(gate, axis=-1))
 
   p, e = products(eta)
   a, d = products(decay)

@@ -226,6 +226,27 @@ def test_gradients_agree(key):
       assert_close(g, r, GRAD_RTOL[jnp.float32], f"d{name}")
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_gate_gradients_at_exactly_zero(key, implementation):
+  """A momentum or decay gate of exactly 0 cuts its range's products; their gradients at 0
+  are the products of the other gates, not 0 (the reference differentiates them exactly)."""
+  inputs = _inputs(key, 1, 32, 2, 64, 64, 1, "titans")
+  inputs["eta"] = inputs["eta"].at[0, 5, 0].set(0.0).at[0, 20, 1].set(0.0)
+  # alpha = 1 is a decay 1 - alpha of 0.
+  inputs["alpha"] = inputs["alpha"].at[0, 9, 1].set(1.0)
+  names = ("eta", "alpha")
+
+  def run(impl, eta, alpha):
+    return _call(dict(inputs, eta=eta, alpha=alpha), implementation=impl, chunk_size=16)
+
+  cot = jax.random.normal(jax.random.fold_in(key, 1), inputs["v"].shape)
+  grads = {impl: jax.jit(lambda *p, impl=impl: jax.vjp(functools.partial(run, impl), *p)[1](
+      cot))(*(inputs[n] for n in names)) for impl in ("reference", implementation)}
+  for name, got, want in zip(names, grads[implementation], grads["reference"]):
+    assert float(jnp.abs(want[0, 5, 0] if name == "eta" else want[0, 9, 1])) > 1e-3
+    assert_close(got, want, GRAD_RTOL[jnp.float32], f"d{name}")
+
+
 def test_split_state_anywhere(key):
   """Three calls cut inside chunks (3 and 8 are not multiples of 5) equal one call."""
   inputs = _inputs(key, rule="memora", **SEQUENCE)
