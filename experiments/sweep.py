@@ -40,6 +40,20 @@ context length:
       --config.data.data_dir=/tmp/memjax/sniah_sweep/tfds \
       --workdir=/tmp/memjax/sniah_sweep
 
+`--eval_seq_lens` also scores each run, once trained, at other lengths (the Titans
+S-NIAH protocol: train on 1K, score at 1K-8K) into `eval_lengths.csv` beside the CSV;
+Gated DeltaNet, Titans LMM and sliding-window attention on the three needles:
+
+  python experiments/sweep.py --config=experiments/configs/sniah.py \
+      --grid='model.mixers=gdn,gdn,gdn,gdn|lmm,lmm,lmm,lmm|swa,swa,swa,swa' \
+      --grid='data.needle=passkey|number|word' --config.model.d_model=256 \
+      --config.model.num_heads=4 --config.model.attention_window=256 \
+      --config.data.source=numpy --eval_seq_lens=1024,2048,4096,8192 \
+      --eval_batch_size=8 --workdir=/tmp/memjax/sniah_lengths
+  python experiments/plot.py --csv=/tmp/memjax/sniah_lengths/eval_lengths.csv \
+      --x=eval_seq_len --series=model.mixers --panel=data.needle \
+      --metric=eval/exact_match
+
 `--config.<section>.<field>=<value>` overrides the base config as in
 experiments/train.py, e.g. `--config.train.num_steps=3000`.
 
@@ -71,6 +85,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from memjax.train import evaluation
 from memjax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -99,12 +114,26 @@ _WORKER_DEVICES = flags.DEFINE_list(
     "One CUDA_VISIBLE_DEVICES value per worker (e.g. `0,1,2,3`): one GPU each. "
     "None leaves the devices to the workers (CPU runs).",
 )
+_EVAL_SEQ_LENS = flags.DEFINE_list(
+    "eval_seq_lens",
+    None,
+    "Also score each run's held-out split at these lengths after it trains (the "
+    "S-NIAH length-generalisation protocol of experiments/evaluate.py); rows go to "
+    "<csv's folder>/eval_lengths.csv.",
+)
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+    "eval_batch_size", None, "Batch of --eval_seq_lens; None: the run's train.batch_size."
+)
 _WORKER_INDEX = flags.DEFINE_integer(
     "worker_index", -1, "Set by the sweep for the processes it starts; not for users."
 )
 
 METRICS = ("eval/accuracy", "eval/loss", "eval/exact_match")
 WALL_SECONDS = "wall_seconds"
+EVAL_LENGTHS_FILE = "eval_lengths.csv"
+# The column of the evaluated length in eval_lengths.csv: "data.seq_len" may be a grid
+# field (the trained length).
+EVAL_SEQ_LEN = "eval_seq_len"
 _SWEPT_TYPES = (bool, int, float, str)
 
 
@@ -237,6 +266,8 @@ def sweep(
     csv_path: str,
     *,
     shared: bool = False,
+    eval_seq_lens: Sequence[int] | None = None,
+    eval_batch_size: int | None = None,
 ) -> list[str]:
   """Trains every grid point missing from the CSV and appends its row.
 
@@ -248,6 +279,11 @@ def sweep(
     shared: Other processes run the same sweep at the same time (the workers
       of `run_workers`): a run is trained only by the process that claims it
       first, with a file in `<workdir>/.claims`.
+    eval_seq_lens: None, or lengths at which each run is also scored after it trains
+      (`memjax.train.evaluation.evaluate_lengths`). Their rows, the grid values then
+      "step", `EVAL_SEQ_LEN` and the metrics, go to `eval_lengths.csv` beside the CSV. A
+      run with its training row but none there is only evaluated.
+    eval_batch_size: Batch of those evaluations; None: the run's train.batch_size.
 
   Returns:
     The names of the runs trained by this call (not the skipped ones).
@@ -262,19 +298,30 @@ def sweep(
     raise ValueError(f"grid values give duplicate run names: {names}.")
   columns = [*grid, *METRICS, WALL_SECONDS]
   done = _finished_runs(csv_path, columns, list(grid))
+  eval_path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), EVAL_LENGTHS_FILE)
+  eval_columns = [*grid, "step", EVAL_SEQ_LEN, *METRICS]
+  evaluated = (_finished_runs(eval_path, eval_columns, list(grid)) if eval_seq_lens
+               else None)
   trained = []
   for i, (point, name) in enumerate(zip(points, names), start=1):
     progress = f"[{i}/{len(points)}] {name}"
-    if _row_key(point) in done:
+    to_evaluate = evaluated is not None and _row_key(point) not in evaluated
+    if _row_key(point) in done and not to_evaluate:
       print(f"{progress}: in {csv_path}, skipped", flush=True)
       continue
     if shared and not _claim(workdir, name):
       print(f"{progress}: taken by another worker", flush=True)
       continue
     run_dir = os.path.join(workdir, name)
+    config = configure(base, point)
+    if _row_key(point) in done:
+      print(f"{progress}: trained; evaluating at {list(eval_seq_lens)}", flush=True)
+      _evaluate_lengths(config, run_dir, point, eval_seq_lens, eval_batch_size, eval_path,
+                        eval_columns)
+      continue
     print(f"{progress}: training in {run_dir}", flush=True)
     start = time.perf_counter()
-    final = train_and_evaluate(configure(base, point), run_dir)
+    final = train_and_evaluate(config, run_dir)
     seconds = time.perf_counter() - start
     _append_row(
         csv_path,
@@ -284,6 +331,9 @@ def sweep(
     trained.append(name)
     scores = "  ".join(f"{m} {final[m]:.4f}" for m in METRICS)
     print(f"{progress}: {scores}  {seconds:.1f} s", flush=True)
+    if to_evaluate:
+      _evaluate_lengths(config, run_dir, point, eval_seq_lens, eval_batch_size, eval_path,
+                        eval_columns)
   print(f"{len(trained)} runs trained, {len(points) - len(trained)} skipped; "
         f"results in {csv_path}", flush=True)
   return trained
@@ -346,6 +396,16 @@ def run_workers(
   print(f"{workers} workers done; results in {csv_path}", flush=True)
 
 
+def _evaluate_lengths(config, run_dir, point, seq_lens, batch_size, eval_path, columns):
+  """Scores the trained run at `seq_lens`; appends one row per length to `eval_path`."""
+  run = evaluation.restore_run(run_dir)
+  rows = evaluation.evaluate_lengths(
+      run, config.data, seq_lens, batch_size=batch_size or config.train.batch_size)
+  for row in rows:
+    _append_row(eval_path, columns, [*_row_key(point), row["step"], row["data.seq_len"],
+                                     *(row[m] for m in METRICS)])
+
+
 def _claim(workdir: str, name: str) -> bool:
   """Claims run `name` for this process; False if another process has it."""
   claims = os.path.join(workdir, ".claims")
@@ -401,12 +461,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   grid = parse_grid(_GRID.value, _CONFIG.value)
   csv_path = _CSV.value or os.path.join(_WORKDIR.value, "results.csv")
+  eval_seq_lens = None
+  if _EVAL_SEQ_LENS.value:
+    try:
+      eval_seq_lens = [int(text) for text in _EVAL_SEQ_LENS.value]
+    except ValueError:
+      raise ValueError(
+          f"--eval_seq_lens takes integers, got {_EVAL_SEQ_LENS.value}.") from None
   if _WORKERS.value > 1 and _WORKER_INDEX.value < 0:
     run_workers(grid, _WORKDIR.value, csv_path, sys.argv[1:],
                 _WORKERS.value, _WORKER_DEVICES.value)
   else:
     sweep(_CONFIG.value, grid, _WORKDIR.value, csv_path,
-          shared=_WORKER_INDEX.value >= 0)
+          shared=_WORKER_INDEX.value >= 0, eval_seq_lens=eval_seq_lens,
+          eval_batch_size=_EVAL_BATCH_SIZE.value)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,37 @@ def test_rerunning_the_binary_skips_finished_runs(tiny_sweep):
   assert csv_path.read_text() == before
 
 
+def test_eval_seq_lens_score_each_run_at_other_lengths(tmp_path):
+  """S-NIAH trained at 128 tokens, scored at 128 and 256; a run whose scores are missing
+  is evaluated again without retraining."""
+  config = _config("sniah", "tiny")
+  config.data.source = "numpy"
+  config.model.implementation = "reference"
+  grid = sweep.parse_grid(["model.mixers=gdn|swa", "data.needle=passkey"], config)
+  config.model.attention_window = 32
+  csv_path = tmp_path / "results.csv"
+  run = lambda: sweep.sweep(config, grid, str(tmp_path), str(csv_path),
+                            eval_seq_lens=[128, 256], eval_batch_size=4)
+  assert run() == ["mixers-gdn__needle-passkey", "mixers-swa__needle-passkey"]
+  eval_path = tmp_path / sweep.EVAL_LENGTHS_FILE
+  rows = plot.read_rows(str(eval_path))
+  assert list(rows[0]) == ["model.mixers", "data.needle", "step", "eval_seq_len",
+                           "eval/accuracy", "eval/loss", "eval/exact_match"]
+  assert [(r["model.mixers"], r["eval_seq_len"], r["step"]) for r in rows] == [
+      ("gdn", "128", "4"), ("gdn", "256", "4"), ("swa", "128", "4"), ("swa", "256", "4")]
+  # At the trained length the score is the training run's own final evaluation (the loss
+  # up to the summation order of another batch size).
+  trained = plot.read_rows(str(csv_path))
+  assert rows[0]["eval/exact_match"] == trained[0]["eval/exact_match"]
+  assert float(rows[0]["eval/loss"]) == pytest.approx(float(trained[0]["eval/loss"]), 1e-6)
+  # Scores lost, training rows kept: evaluated again, nothing retrained.
+  eval_path.unlink()
+  before = csv_path.read_text()
+  assert run() == []
+  assert len(plot.read_rows(str(eval_path))) == 4
+  assert csv_path.read_text() == before
+
+
 def test_workers_share_the_grid_and_write_each_row_once(tmp_path):
   grid = ["model.mixers=attn|gdn|linear", "model.d_model=32"]
   done = subprocess.run(
