@@ -39,6 +39,10 @@ _MIXERS = flags.DEFINE_string("mixers", "gdn,gdn", "DecoderLM mixer spec")
 _D_MODEL = flags.DEFINE_integer("d_model", 1024, "model width")
 _HEADS = flags.DEFINE_integer("num_heads", 8, "heads per mixer")
 _VOCAB = flags.DEFINE_integer("vocab_size", 256, "vocabulary (byte-level LM)")
+_IMPLEMENTATION = flags.DEFINE_enum(
+    "implementation", None, ["reference", "xla", "pallas"],
+    "implementation of the memory ops; None: memjax's default for the float32 model (on a "
+    "GPU the xla form for the delta rules; see memjax.ops.dispatch)")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "65536", "131072"], "tokens per sequence")
 _COUNTS = flags.DEFINE_list("device_counts", ["1", "2", "4"], "devices to span, each a row")
 _MODES = flags.DEFINE_list("modes", ["data", "seq"], "data and/or seq parallelism")
@@ -56,9 +60,9 @@ COLUMNS = ("mode", "devices", "seq_len", "global_batch", "median_ms", "tokens_pe
 def _model(small: bool) -> DecoderLM:
   if small:
     return DecoderLM(vocab_size=64, d_model=32, mixers=_MIXERS.value, num_heads=2,
-                     chunk_size=16)
+                     chunk_size=16, implementation=_IMPLEMENTATION.value)
   return DecoderLM(vocab_size=_VOCAB.value, d_model=_D_MODEL.value, mixers=_MIXERS.value,
-                   num_heads=_HEADS.value)
+                   num_heads=_HEADS.value, implementation=_IMPLEMENTATION.value)
 
 
 def _mesh_shape(mode: str, devices: int) -> dict[str, int]:
@@ -119,7 +123,8 @@ def main(argv):
   counts = [int(n) for n in _COUNTS.value]
   model = _model(small)
   print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}, JAX {jax.__version__}, "
-        f"mixers {model.mixers}, d_model {model.d_model}, heads {model.num_heads}",
+        f"mixers {model.mixers}, d_model {model.d_model}, heads {model.num_heads}, "
+        f"implementation {model.implementation or 'default'}",
         flush=True)
   print(" | ".join(COLUMNS), flush=True)
   rows = []
