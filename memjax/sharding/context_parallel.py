@@ -128,6 +128,24 @@ def _incoming_and_final(transition, offset, first, *, apply: Callable, seq_axis:
   return starts[position], final
 
 
+def _with_incoming(local, response, incoming, dtype):
+  """A shard's outputs from its true incoming state: `local + response @ incoming`.
+
+  local [B, T, H, V] from a zero state; response [B, T, H, R] from the identity state;
+  incoming [B, H, R, V] the state the shard starts from."""
+  o = local.astype(jnp.float32) + jnp.einsum(
+      "bthr,bhrv->bthv", response.astype(jnp.float32), incoming,
+      precision=chunking.matmul_precision(dtype))
+  return o.astype(dtype)
+
+
+def _memory_shard_map(shard, mesh, batch_axes, head_axis, seq_axis):
+  """`shard(q, k, v, gates, first) -> (outputs, final state)` as a `jax.shard_map`: the
+  per-token arrays split over batch, seq and heads, the states over batch and heads."""
+  tokens, states = _specs(batch_axes, head_axis, seq_axis)
+  return _shard_map(shard, mesh, (tokens, tokens, tokens, tokens, states), (tokens, states))
+
+
 # Eagerly, jax.shard_map runs its body op by op on every device (seconds a call even for
 # small inputs); compiled, it is one program. The configuration is static.
 @functools.partial(jax.jit, static_argnames=(
@@ -147,14 +165,10 @@ def _sharded_memory(q, k, v, gates, first, *, op, mesh, scale, chunk_size, imple
                                 initial_state=identity)
     incoming, final = _incoming_and_final(transition, end_local, first, apply=_matmul,
                                           seq_axis=seq_axis)
-    o = o_local.astype(jnp.float32) + jnp.einsum(
-        "bthk,bhkv->bthv", response.astype(jnp.float32), incoming,
-        precision=chunking.matmul_precision(v.dtype))
-    return o.astype(v.dtype), final
+    return _with_incoming(o_local, response, incoming, v.dtype), final
 
-  tokens, states = _specs(batch_axes, head_axis, seq_axis)
-  return _shard_map(shard, mesh, (tokens, tokens, tokens, tokens, states),
-                    (tokens, states))(q, k, v, gates, first)
+  return _memory_shard_map(shard, mesh, batch_axes, head_axis, seq_axis)(
+      q, k, v, gates, first)
 
 
 def _context_parallel_memory(op, q, k, v, gates, *, mesh, scale, initial_state,

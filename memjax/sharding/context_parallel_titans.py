@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from memjax import ops
-from memjax.ops import chunking
 from memjax.ops import miras
 from memjax.ops import validation
 from memjax.sharding.context_parallel import _BATCH_AXES
@@ -39,8 +38,8 @@ from memjax.sharding.context_parallel import _check_divisible
 from memjax.sharding.context_parallel import _check_mesh
 from memjax.sharding.context_parallel import _incoming_and_final
 from memjax.sharding.context_parallel import _matmul
-from memjax.sharding.context_parallel import _shard_map
-from memjax.sharding.context_parallel import _specs
+from memjax.sharding.context_parallel import _memory_shard_map
+from memjax.sharding.context_parallel import _with_incoming
 from memjax.sharding.rules import mesh_axes
 
 
@@ -91,14 +90,10 @@ def _sharded_neural_memory(q, k, v, gates, first, *, mesh, chunk_size, implement
     stack = lambda state: jnp.concatenate([state.weights[0], state.momentum[0]], axis=-2)
     incoming, final = _incoming_and_final(stack(end_response), stack(end_local), first,
                                           apply=_matmul, seq_axis=seq_axis)
-    y = y_local.astype(jnp.float32) + jnp.einsum(
-        "bthr,bhrv->bthv", response.astype(jnp.float32), incoming,
-        precision=chunking.matmul_precision(v.dtype))
-    return y.astype(v.dtype), final
+    return _with_incoming(y_local, response, incoming, v.dtype), final
 
-  tokens, states = _specs(batch_axes, head_axis, seq_axis)
-  return _shard_map(shard, mesh, (tokens, tokens, tokens, tokens, states),
-                    (tokens, states))(q, k, v, gates, first)
+  return _memory_shard_map(shard, mesh, batch_axes, head_axis, seq_axis)(
+      q, k, v, gates, first)
 
 
 def context_parallel_neural_memory(

@@ -9,16 +9,12 @@ import pytest
 
 from memjax import ops
 from memjax import sharding
+from tests.sharding.test_context_parallel import _MESHES
 from tests.sharding.test_context_parallel import _assert_vjp_matches
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py makes 8 CPU devices)")
 
-_MESHES = {
-    "seq8": {"seq": 8},
-    "data2_seq4": {"data": 2, "seq": 4},
-    "data2_model2_seq2": {"data": 2, "model": 2, "seq": 2},
-}
 
 
 def _inputs(key, *, b=2, t=64, h=2, dk=16, dv=16, gates=("eta", "alpha"), with_state=True,
