@@ -33,6 +33,7 @@ import optax
 from memjax import sharding
 from memjax import train
 from memjax.train import sharded
+from memjax.train.steps import compute_dtype
 from memjax.models import DecoderLM
 
 _MIXERS = flags.DEFINE_string("mixers", "gdn,gdn", "DecoderLM mixer spec")
@@ -43,6 +44,9 @@ _IMPLEMENTATION = flags.DEFINE_enum(
     "implementation", None, ["reference", "xla", "pallas"],
     "implementation of the memory ops; None: memjax's default for the float32 model (on a "
     "GPU the xla form for the delta rules; see memjax.ops.dispatch)")
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype", "float32", ["float32", "bfloat16"],
+    "dtype the model computes in (float32 params either way; see train.compute_dtype)")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "65536", "131072"], "tokens per sequence")
 _COUNTS = flags.DEFINE_list("device_counts", ["1", "2", "4"], "devices to span, each a row")
 _MODES = flags.DEFINE_list("modes", ["data", "seq"], "data and/or seq parallelism")
@@ -97,7 +101,8 @@ def time_step(model, mode: str, devices: int, seq_len: int, batch_per_device: in
   batch = {"inputs": tokens, "labels": np.roll(tokens, -1, axis=1)}
   optimizer = optax.adamw(1e-4)
   state = train.create_train_state(model, optimizer, jax.random.key(0), batch, mesh=mesh)
-  step = train.make_train_step(model, optimizer, mesh=mesh, example_batch=batch)
+  step = train.make_train_step(model, optimizer, mesh=mesh, example_batch=batch,
+                               dtype=compute_dtype(_COMPUTE_DTYPE.value))
   batch = jax.device_put(batch, sharded.batch_shardings(batch, mesh, sharding.DEFAULT_RULES))
   state, metrics = step(state, batch)  # Compile and warm up.
   jax.block_until_ready(metrics)
@@ -124,7 +129,7 @@ def main(argv):
   model = _model(small)
   print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}, JAX {jax.__version__}, "
         f"mixers {model.mixers}, d_model {model.d_model}, heads {model.num_heads}, "
-        f"implementation {model.implementation or 'default'}",
+        f"implementation {model.implementation or 'default'}, compute {_COMPUTE_DTYPE.value}",
         flush=True)
   print(" | ".join(COLUMNS), flush=True)
   rows = []

@@ -116,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           warmup_steps=pick(100, 1_000, 4),
           weight_decay=0.1,
           grad_clip=1.0,
+          # "float32", or "bfloat16": the model computes on a bfloat16 copy of the
+          # float32 params (mixed precision; the memory ops then take bf16 inputs).
+          compute_dtype="float32",
           seed=0,
           log_every=pick(100, 500, 5),
           eval_every=pick(500, 2_500, 20),

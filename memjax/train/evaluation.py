@@ -221,7 +221,8 @@ def evaluate_lengths(
       cases.append((labels, held_out_source(case, run.workdir)))
 
   # One jitted step for every case; it compiles once per length.
-  eval_step = steps.make_eval_step(run.model)
+  eval_step = steps.make_eval_step(
+      run.model, dtype=steps.compute_dtype(run.config.train.get("compute_dtype", None)))
   rows = []
   for labels, source in cases:
     start = time.perf_counter()

@@ -109,12 +109,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       keep=tc.keep_checkpoints,
   )
   state = checkpointer.restore(state)
+  dtype = steps.compute_dtype(tc.get("compute_dtype", None))
   train_step = steps.make_train_step(
-      model, optimizer, example_batch=train_ds[0], **layout
+      model, optimizer, example_batch=train_ds[0], dtype=dtype, **layout
   )
   run_eval = functools.partial(
       evaluate,
-      steps.make_eval_step(model, example_batch=test_ds[0], **layout),
+      steps.make_eval_step(model, example_batch=test_ds[0], dtype=dtype, **layout),
       batches=test_ds,
   )
   # The other processes hold the same replicated metrics and stay quiet.

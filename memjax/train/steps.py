@@ -130,6 +130,31 @@ def add_metrics(total: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict:
   return out
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: Optional[str]) -> Optional[jnp.dtype]:
+  """The dtype of a `train.compute_dtype` config value; None for "float32" or None.
+
+  Raises:
+    ValueError: for a name not in `COMPUTE_DTYPES`.
+  """
+  if name is None or name == "float32":
+    return None
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+  return jnp.dtype(name)
+
+
+def cast_params(params: Any, dtype: Optional[jnp.dtype]) -> Any:
+  """The compute copy of the float32 parameters: floating leaves in `dtype` (None: as
+  they are). Under `jax.grad` the cast passes the gradients back in float32."""
+  if dtype is None:
+    return params
+  return jax.tree.map(
+      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def _check_example(mesh, example_batch, caller: str) -> None:
   if mesh is not None and example_batch is None:
     raise ValueError(
@@ -145,6 +170,7 @@ def make_train_step(
     mesh: Optional[jax.sharding.Mesh] = None,
     rules: Rules = DEFAULT_RULES,
     example_batch: Optional[Mapping[str, Any]] = None,
+    dtype: Optional[jnp.dtype] = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds `train_step(state, batch) -> (state, metrics)`, jitted.
 
@@ -160,6 +186,11 @@ def make_train_step(
     rules: The logical axis rules of parameters and activations on `mesh`.
     example_batch: With a mesh, a batch of the shapes the step will get
       (e.g. the first one); it fixes the shardings.
+    dtype: None, or the dtype the model computes in (bfloat16: mixed precision).
+      The params, the optimizer state and the gradients stay float32; each step
+      runs the model on a copy of the params in `dtype` (`cast_params`), so its
+      activations, and the inputs of the memory ops, are in `dtype`. The loss
+      is taken in float32.
 
   Returns:
     The jitted step. `batch` holds "inputs" and "labels", int32 [B, T];
@@ -177,7 +208,7 @@ def make_train_step(
   def train_step(state: TrainState, batch: Batch):
     def loss_fn(params):
       with sharded.mesh_context(mesh, rules):
-        logits = model.apply({"params": params}, batch["inputs"])
+        logits = model.apply({"params": cast_params(params, dtype)}, batch["inputs"])
       sums = token_metrics(logits, batch["labels"])
       return sums["loss_sum"] / jnp.maximum(sums["count"], 1), sums
 
@@ -214,6 +245,7 @@ def make_eval_step(
     mesh: Optional[jax.sharding.Mesh] = None,
     rules: Rules = DEFAULT_RULES,
     example_batch: Optional[Mapping[str, Any]] = None,
+    dtype: Optional[jnp.dtype] = None,
 ) -> Callable[[Any, Batch], Metrics]:
   """Builds `eval_step(params, batch) -> metrics`, jitted.
 
@@ -222,6 +254,7 @@ def make_eval_step(
     mesh: The device mesh, or None, as for `make_train_step`.
     rules: The logical axis rules, as for `make_train_step`.
     example_batch: With a mesh, a batch of the shapes the step will get.
+    dtype: None, or the dtype the model computes in, as for `make_train_step`.
 
   Returns:
     The jitted step; `metrics` are the sums of `token_metrics` and the counts
@@ -235,7 +268,7 @@ def make_eval_step(
 
   def eval_step(params, batch: Batch) -> Metrics:
     with sharded.mesh_context(mesh, rules):
-      logits = model.apply({"params": params}, batch["inputs"])
+      logits = model.apply({"params": cast_params(params, dtype)}, batch["inputs"])
     return {
         **token_metrics(logits, batch["labels"]),
         **example_metrics(logits, batch["labels"]),
