@@ -95,6 +95,12 @@ MIXERS: Dict[str, Mixer] = {
         lambda s: mnn.NeuralMemory(num_heads=s.num_heads, head_dim=s.head_dim,
                                    chunk_size=s.chunk_size, implementation=s.implementation),
         lambda module, batch_size, dim, max_length: module.init_state(batch_size, dim)),
+    # The LMM with a linear memory (Titans' depth-1 ablation): the memory the Pallas kernel
+    # and context parallelism (memjax.sharding.context_parallel_neural_memory) take.
+    "lmm_linear": Mixer(
+        lambda s: mnn.NeuralMemory(num_heads=s.num_heads, head_dim=s.head_dim, memory_depth=1,
+                                   chunk_size=s.chunk_size, implementation=s.implementation),
+        lambda module, batch_size, dim, max_length: module.init_state(batch_size, dim)),
     "hopfield": Mixer(lambda s: CausalHopfield(num_heads=s.num_heads, head_dim=s.head_dim)),
     # Titans' three architectures (their init_state(batch_size, dim, max_length) reads the
     # parameters). attention_window is MAC's segment (its attention span; 64 when unset)
