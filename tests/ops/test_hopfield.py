@@ -264,7 +264,9 @@ def test_until_convergence_gradient_matches_a_long_unroll(key):
   loss = lambda steps, eps: lambda k, v: jnp.sum(_retrieval(
       state, k, v, scaling=0.5, update_steps_max=steps, update_steps_eps=eps) ** 2)
   implicit = jax.grad(loss(None, 1e-6), argnums=(0, 1))(stored, projection)
-  unrolled = jax.grad(loss(100, 1e-9), argnums=(0, 1))(stored, projection)
+  # Some draws contract slowly: 100 steps left a 2% gap in 1 of 40 draws, 400 steps at
+  # most 2e-4 in 60.
+  unrolled = jax.grad(loss(400, 1e-9), argnums=(0, 1))(stored, projection)
   for a, b in zip(implicit, unrolled):
     assert_close(a, b, 1e-2, "implicit vs unrolled")
 
