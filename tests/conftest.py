@@ -1,5 +1,6 @@
 """Shared test helpers: fresh random inputs and dtype-keyed tolerances."""
 
+import gc
 import itertools
 
 import jax
@@ -29,6 +30,20 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_code():
+  """Frees every compiled executable once a test module is done.
+
+  Each XLA CPU executable keeps a few memory mappings of its machine code for as long as
+  a jit cache holds it. Over the whole suite they reached Linux's default limit of 65,530
+  mappings per process (vm.max_map_count), and the next compilation segfaulted inside
+  XLA. Clearing the caches after each module bounds the count by what one module needs.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(autouse=True)
