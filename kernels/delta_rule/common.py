@@ -189,7 +189,9 @@ def invert_unit_lower_tile(lower):
   width = 1
   while width < size:
     pair = 2 * width
-    coupling = (rows // pair == cols // pair) & (rows % pair >= width) & (cols % pair < width)
+    # lax.div and lax.rem: the indices are >= 0, and jnp's // and % add sign fix-ups.
+    coupling = ((lax.div(rows, pair) == lax.div(cols, pair)) & (lax.rem(rows, pair) >= width)
+                & (lax.rem(cols, pair) < width))
     e = jnp.where(coupling, lower, 0.0)
     inverse = inverse - mm(mm(inverse, e, True), inverse, True)
     width = pair
