@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from memjax import ops
 from memjax.kernels.titans import common as titans_kernels
+from memjax.kernels.titans import mlp_common as mlp_kernels
 from memjax.ops import titans as titans_ops
 
 import benchmarking  # experiments/benchmarking.py, beside this script
@@ -257,7 +258,10 @@ def _anchor_rows(anchor, shape, memory, rows):
 
 def _kernel_unsupported(args, memory, chunk):
   q, v = args[0], args[2]
-  return titans_kernels.unsupported(q, v, 1 if memory == "linear" else 2, "l2", "l2", chunk)
+  if memory == "linear":
+    return titans_kernels.unsupported(q, v, 1, "l2", "l2", chunk)
+  hidden = int(_EXPANSION.value * q.shape[-1])
+  return mlp_kernels.unsupported(q, v, 2, hidden, "l2", "l2", chunk)
 
 
 def _memjax_rows(shape, memory, dtype, anchor_ms, rows):

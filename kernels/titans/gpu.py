@@ -46,7 +46,7 @@ def _chunk_values(refs, n, chunk):
 _INPUTS = ("q", "k", "v") + COEFFICIENTS
 
 
-def _last_real_chunk(mask_ref, num_chunks, chunk):
+def last_real_chunk(mask_ref, num_chunks, chunk):
   """The last chunk that holds a token. The sequence is placed from the first chunk on,
   so only the last chunk can be all padding (when the sequence starts part way into the
   first), and every chunk before the last one that holds a token is complete."""
@@ -63,7 +63,7 @@ def _forward_kernel(*refs, chunk, precise, save_starts):
                                        else ())
   r = dict(zip(names, refs))
   num_chunks = r["q"].shape[0] // chunk
-  last_real = _last_real_chunk(r["mask"], num_chunks, chunk)
+  last_real = last_real_chunk(r["mask"], num_chunks, chunk)
 
   def step(n, carry):
     weights, momentum = carry
@@ -156,7 +156,7 @@ def _state_grad_kernel(*refs, chunk, precise):
                      "dmomentum_ends", "dweights0", "dmomentum0", "danchor0")
   r = dict(zip(names, refs))
   num_chunks = r["q"].shape[0] // chunk
-  last_real = _last_real_chunk(r["mask"], num_chunks, chunk)
+  last_real = last_real_chunk(r["mask"], num_chunks, chunk)
 
   def step(i, carry):
     dweights, dmomentum = carry

@@ -34,7 +34,7 @@ def _chunk_values(r):
   return x
 
 
-def _as_rows(x, chunk):
+def as_rows(x, chunk):
   """Gate vectors [..., T] -> [..., N, 1, C]."""
   return x.reshape(x.shape[:-1] + (x.shape[-1] // chunk, 1, chunk))
 
@@ -63,14 +63,15 @@ def _input_specs(spec):
 
 
 def _inputs(q, k, v, coefficients, chunk):
-  return [q, k, v, coefficients["cw"]] + [_as_rows(coefficients[n], chunk)
+  return [q, k, v, coefficients["cw"]] + [as_rows(coefficients[n], chunk)
                                           for n in _VECTORS + ("mask",)]
 
 
-def _last_real_chunk(r):
-  """The last chunk that holds a token (see `memjax.kernels.titans.gpu`)."""
-  empty = jnp.max(r["mask"][...]) == 0.0
-  return pl.num_programs(3) - 1 - empty.astype(jnp.int32)
+def last_real_chunk(mask_ref, chunk_axis):
+  """The last chunk that holds a token (see `memjax.kernels.titans.gpu`), from the last
+  chunk's mask row and the grid axis that walks the chunks."""
+  empty = jnp.max(mask_ref[...]) == 0.0
+  return pl.num_programs(chunk_axis) - 1 - empty.astype(jnp.int32)
 
 
 def _forward_kernel(*refs, precise, save_starts):
@@ -102,7 +103,7 @@ def _forward_kernel(*refs, precise, save_starts):
   r["weights_now"][...] = weights
   r["momentum_now"][...] = momentum
 
-  @pl.when(n == _last_real_chunk(r))
+  @pl.when(n == last_real_chunk(r["mask"], 3))
   def _():
     r["last_anchor"][...] = anchor
 
@@ -166,7 +167,8 @@ def _state_grad_kernel(*refs, precise):
       _chunk_values(r), weights, r["momentum_start"][...], anchor, r["dy"][...],
       r["dweights_now"][...], r["dmomentum_now"][...], precise)
   # The last real chunk's anchor is also an output (the state's anchor if it is partial).
-  danchor = danchor + jnp.where(n == _last_real_chunk(r), r["dlast_anchor"][...], 0.0)
+  last_real = last_real_chunk(r["mask"], 3)
+  danchor = danchor + jnp.where(n == last_real, r["dlast_anchor"][...], 0.0)
   r["derr"][...] = derr
   r["dv"][...] = (-2.0 * derr).astype(r["dv"].dtype)
   dweights = dweights + jnp.where(n > 0, danchor, 0.0)
@@ -253,7 +255,7 @@ def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy,
       compiler_params=compat.tpu_params(("parallel",) * 3),
       interpret=interpret,
       name="neural_memory_input_grads",
-  )(q, k, v, coefficients["cw"], *(_as_rows(coefficients[n], chunk) for n in ("d", "b", "cs")),
+  )(q, k, v, coefficients["cw"], *(as_rows(coefficients[n], chunk) for n in ("d", "b", "cs")),
     anchor0, weight_starts, momentum_starts, dweight_ends, dmomentum_ends, dy, derr)
   grads = dict(zip(_INPUT_GRADS, out))
   for name in ("dd", "db", "dcs", "de"):

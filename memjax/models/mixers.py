@@ -95,8 +95,9 @@ MIXERS: Dict[str, Mixer] = {
         lambda s: mnn.NeuralMemory(num_heads=s.num_heads, head_dim=s.head_dim,
                                    chunk_size=s.chunk_size, implementation=s.implementation),
         lambda module, batch_size, dim, max_length: module.init_state(batch_size, dim)),
-    # The LMM with a linear memory (Titans' depth-1 ablation): the memory the Pallas kernel
-    # and context parallelism (memjax.sharding.context_parallel_neural_memory) take.
+    # The LMM with a linear memory (Titans' depth-1 ablation): the memory whose Pallas kernel
+    # implementation=None picks on a GPU or TPU, and the one context parallelism
+    # (memjax.sharding.context_parallel_neural_memory) takes.
     "lmm_linear": Mixer(
         lambda s: mnn.NeuralMemory(num_heads=s.num_heads, head_dim=s.head_dim, memory_depth=1,
                                    chunk_size=s.chunk_size, implementation=s.implementation),

@@ -9,8 +9,9 @@ Every op has up to three implementations behind one signature:
 ``implementation=None`` picks the fastest one registered for the op, in the order of
 `PREFERENCE`, skipping ``"pallas"`` unless the default backend compiles Pallas kernels
 (GPU or TPU; see `pallas_compiles`), and skipping it too where the op reports the kernel
-measured slower than its xla form for the call (`pallas_slower`). An explicit ``"pallas"`` on a CPU runs the kernel body
-in the Pallas interpreter: slow, but the real kernel. Asking for an implementation the op
+measured slower than its xla form for the call, or not yet measured (`pallas_slower`). An
+explicit ``"pallas"`` on a CPU runs the kernel body in the Pallas interpreter: slow, but
+the real kernel. Asking for an implementation the op
 does not have is a `ValueError`.
 """
 
@@ -45,8 +46,8 @@ def choose(
       if it can. `implementation=None` then falls back to the next implementation; an
       explicit "pallas" raises a ValueError with this reason.
     pallas_slower: why the kernel, though it can take this call, is slower than the next
-      implementation on this backend, or None. `implementation=None` then skips it; an
-      explicit "pallas" still runs it.
+      implementation on this backend (or not yet shown faster), or None.
+      `implementation=None` then skips it; an explicit "pallas" still runs it.
 
   Returns:
     The chosen implementation's function.

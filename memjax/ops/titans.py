@@ -28,6 +28,7 @@ from jax import lax
 
 from memjax.kernels.titans import chunked as titans_kernels
 from memjax.kernels.titans import common as kernel_common
+from memjax.kernels.titans import mlp_common
 from memjax.ops import dispatch
 from memjax.ops import miras
 from memjax.ops import titans_chunked
@@ -233,7 +234,7 @@ def _xla(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, activ
 
 def _pallas(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, activation,
             fresh):
-  del rule, activation  # `kernel_common.unsupported` admitted only what the kernel runs.
+  del rule  # `_kernel_unsupported` admitted only what the kernels run.
   t = q.shape[1]
   chunks = titans_chunked.to_chunks(q, k, v, theta, eta, alpha, huber_delta, state,
                                     chunk_size, fresh)
@@ -243,13 +244,22 @@ def _pallas(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule, ac
                   "e": chunks.e, "mask": chunks.mask}
   y, weights, momentum, last_anchor = titans_kernels.on_default_backend(
       flat(chunks.q), flat(chunks.k), flat(chunks.v),
-      {name: flat(x) for name, x in coefficients.items()}, state.weights[0],
-      state.momentum[0], state.anchor[0], chunk_size=chunk_size)
+      {name: flat(x) for name, x in coefficients.items()}, state.weights, state.momentum,
+      state.anchor, chunk_size=chunk_size, activation=activation)
   y = titans_chunked.from_chunks(y.reshape(chunks.v.shape), chunks, t)
   position = titans_chunked.next_position(chunks, t, chunk_size)
   # A sequence that ends inside a chunk keeps that chunk's anchor for the tokens to come.
-  anchor = jnp.where(position == 0, weights, last_anchor)
-  return y, NeuralMemoryState((weights,), (momentum,), (anchor,), None, position)
+  anchor = tuple(jnp.where(position == 0, w, a) for w, a in zip(weights, last_anchor))
+  return y, NeuralMemoryState(weights, momentum, anchor, None, position)
+
+
+def _kernel_unsupported(q, v, state, rule, chunk_size):
+  """Why no kernel runs this call (see `dispatch.choose`), or None."""
+  depth = len(state.weights)
+  if depth == 1:
+    return kernel_common.unsupported(q, v, depth, rule.loss, rule.retention, chunk_size)
+  return mlp_common.unsupported(q, v, depth, state.weights[0].shape[-1], rule.loss,
+                                rule.retention, chunk_size)
 
 
 _IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "pallas": _pallas}
@@ -291,9 +301,11 @@ def neural_memory(
     chunk_size: tokens whose gradients share the weights of their chunk's start (any
       positive int; T need not be a multiple of it). 1 is exact online gradient descent.
     implementation: "reference" (token by token), "xla" (chunkwise dual form), "pallas"
-      (the chunk loop as one kernel: the linear memory with the "titans" rule, head dims
-      64 or 128, chunk 16/32/64) or None (the kernel on GPU/TPU where it applies, else
-      "xla").
+      (the chunk loop as one kernel: the "titans" rule, head dims 64 or 128, chunk
+      16/32/64; the linear memory, or the MLP memory with K == V and a power-of-two
+      hidden width) or None (the linear memory's kernel on GPU/TPU where it applies,
+      else "xla"; the MLP memory's kernels are chosen only explicitly, as they are not
+      yet timed on a chip).
     check_finite: raise a ValueError if an input holds NaN or inf (outside jit only).
 
   Returns:
@@ -305,8 +317,10 @@ def neural_memory(
                          initial_state, chunk_size, check_finite)
   impl = dispatch.choose(
       "neural_memory", implementation, _IMPLEMENTATIONS,
-      kernel_common.unsupported(q, v, len(state.weights), rule.loss, rule.retention,
-                                chunk_size))
+      _kernel_unsupported(q, v, state, rule, chunk_size),
+      # Not chosen by default until timed against the xla form on a chip.
+      pallas_slower=("the MLP-memory kernels are not yet measured on a GPU or TPU"
+                     if len(state.weights) > 1 else None))
   y, final = impl(q, k, v, theta, eta, alpha, huber_delta, state, chunk_size, rule,
                   activation, fresh)
   y = y.astype(v.dtype)

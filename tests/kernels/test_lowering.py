@@ -21,6 +21,8 @@ from memjax.kernels.linear_scan import tpu as scan_tpu
 from memjax.kernels.titans import BlockSizes as TitansBlocks
 from memjax.kernels.titans import chunked as titans_chunked
 from memjax.kernels.titans import gpu as titans_gpu
+from memjax.kernels.titans import mlp_gpu
+from memjax.kernels.titans import mlp_tpu
 from memjax.kernels.titans import tpu as titans_tpu
 
 # The custom call that carries a lowered kernel, by export platform.
@@ -88,6 +90,25 @@ def _titans(chip, dtype):
   return _with_grad(fn, tuple(range(12))), args
 
 
+def _mlp_memory(chip, dtype):
+  module = {"tpu": mlp_tpu, "gpu": mlp_gpu}[chip]
+  names = titans_gpu.COEFFICIENTS
+  hidden = 2 * D
+
+  def fn(q, k, v, cw, d, b, cs, e, mask, w1, w2):
+    coefficients = dict(zip(names, (cw, d, b, cs, e, mask)))
+    weights = (w1, w2)
+    return titans_chunked.mlp_memory_loop(module, q, k, v, coefficients, weights, weights,
+                                          weights, chunk=_CHUNK, activation="gelu",
+                                          interpret=False)
+
+  keys = _spec((B, H, T, D), dtype)
+  gates = _spec((B, H, T), jnp.float32)
+  args = ((keys, keys, keys, _spec((B, H, T, _CHUNK), jnp.float32)) + (gates,) * 5
+          + (_spec((B, H, D, hidden), jnp.float32), _spec((B, H, hidden, D), jnp.float32)))
+  return _with_grad(fn, tuple(range(11))), args
+
+
 _KERNELS = {
     "linear_scan": _linear_scan,
     "gated_delta_rule": lambda chip, dtype: _delta_rule(chip, dtype, beta=True, gated=True),
@@ -95,6 +116,7 @@ _KERNELS = {
     "gated_linear_attention": lambda chip, dtype: _delta_rule(chip, dtype, beta=False,
                                                               gated=True),
     "neural_memory": _titans,
+    "mlp_memory": _mlp_memory,
 }
 
 

@@ -14,16 +14,17 @@ from memjax.kernels import compat
 from memjax.kernels.titans import BlockSizes
 from memjax.kernels.titans import chunked
 from memjax.kernels.titans import gpu
-from memjax.kernels.titans import tpu
+from memjax.ops import dispatch
 from memjax.ops import titans
 from tests.conftest import GRAD_RTOL, RTOL, assert_close
 
-_CHIPS = {"gpu": (gpu, True), "tpu": (tpu, compat.tpu_interpret())}
+_INTERPRET = {"gpu": True, "tpu": compat.tpu_interpret()}
 _STATE_FIELDS = ("weights", "momentum", "anchor")
 
 
-def _inputs(key, b, t, h, dk, dv, dtype):
-  """q, k (unit norm), v in `dtype`; theta, eta, alpha in their ranges; a random state."""
+def _inputs(key, b, t, h, dk, dv, dtype, hidden=None):
+  """q, k (unit norm), v in `dtype`; theta, eta, alpha in their ranges; a random state of
+  the linear memory, or with `hidden` of the two-layer MLP memory (dk == dv)."""
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   gate = lambda: 1 / (1 + np.exp(-normal(b, t, h)))
@@ -33,8 +34,12 @@ def _inputs(key, b, t, h, dk, dv, dtype):
   inputs = {n: jnp.asarray(x, dtype) for n, x in arrays.items()}
   inputs.update(theta=jnp.asarray(0.2 * gate()), eta=jnp.asarray(gate()),
                 alpha=jnp.asarray(0.2 * gate()))
-  weights = jnp.asarray(0.5 * normal(h, dk, dv))
-  return inputs, titans.init_state((weights,), b)
+  if hidden is None:
+    weights = (jnp.asarray(0.5 * normal(h, dk, dv)),)
+  else:
+    weights = (jnp.asarray(normal(h, dk, hidden) / np.sqrt(dk)),
+               jnp.asarray(normal(h, hidden, dv) / np.sqrt(hidden)))
+  return inputs, titans.init_state(weights, b)
 
 
 def _midway(state, inputs, tokens, chunk):
@@ -48,22 +53,20 @@ def _midway(state, inputs, tokens, chunk):
   return state
 
 
-def _run(implementation, chunk, inputs, state):
+def _run(implementation, chunk, inputs, state, activation="gelu"):
   y, final = ops.neural_memory(**inputs, initial_state=state, chunk_size=chunk,
-                               return_final_state=True, implementation=implementation)
-  return y, tuple(getattr(final, n)[0] for n in _STATE_FIELDS)
+                               return_final_state=True, implementation=implementation,
+                               activation=activation)
+  return y, tuple(getattr(final, n) for n in _STATE_FIELDS)
 
 
 @pytest.fixture
 def kernel_on(monkeypatch):
   """Routes `implementation="pallas"` to a given chip's kernel body and block sizes."""
-  def use(chip, value_block):
-    module, interpret = _CHIPS[chip]
-
-    def run(*args, chunk_size):
-      blocks = BlockSizes(chunk=chunk_size, value=value_block)
-      return chunked.memory_loop(module, *args, blocks=blocks, interpret=interpret)
-    monkeypatch.setattr(chunked, "on_default_backend", run)
+  def use(chip, value_block=None):
+    monkeypatch.setattr(chunked, "on_default_backend", functools.partial(
+        chunked.chunk_loop, platform=chip, interpret=_INTERPRET[chip],
+        value_block=value_block))
   return use
 
 
@@ -94,18 +97,47 @@ def test_forward_and_vjp_match_xla(key, kernel_on, chip, value_block, dtype, chu
   _compare(call, args, names, dtype, key)
 
 
+# The MLP memory's kernels (one program per head). T never a multiple of the chunk; hidden
+# widths 1x, 2x and 4x of K; a state part way into a chunk; three layers once.
+_MLP_CASES = [
+    # chip, dtype, chunk, T, K, hidden, layers, activation, tokens seen before
+    ("gpu", jnp.float32, 16, 37, 64, 128, 2, "gelu", 0),
+    ("gpu", jnp.bfloat16, 32, 45, 64, 64, 2, "silu", 7),
+    ("gpu", jnp.float32, 16, 21, 64, 64, 3, "relu", 0),
+    ("tpu", jnp.float32, 16, 37, 64, 256, 2, "gelu", 5),
+    ("tpu", jnp.bfloat16, 16, 29, 128, 128, 2, "gelu", 0),
+]
+
+
+@pytest.mark.parametrize("chip,dtype,chunk,t,dk,hidden,layers,activation,seen", _MLP_CASES)
+def test_mlp_memory_forward_and_vjp_match_xla(key, kernel_on, chip, dtype, chunk, t, dk,
+                                              hidden, layers, activation, seen):
+  kernel_on(chip)
+  inputs, state = _inputs(key, 2, t + seen, 2, dk, dk, dtype, hidden=hidden)
+  if layers == 3:  # K -> hidden -> hidden -> K.
+    extra = jax.random.normal(jax.random.fold_in(key, 3), (2, hidden, hidden)) / hidden ** 0.5
+    first, last = (w[0] for w in state.weights)
+    state = titans.init_state((first, extra, last), 2)
+  names, args, call = _with_state(inputs, state, seen, chunk)
+  call_with = lambda implementation, *args: call(implementation, *args, activation=activation)
+  _compare(call_with, args, names, dtype, key)
+
+
 def _with_state(inputs, state, seen, chunk):
   """`(names, args, call)` differentiating the initial state's arrays too."""
   if seen:
     state = _midway(state, inputs, seen, chunk)
     inputs = {n: x[:, seen:] for n, x in inputs.items()}
-  names = tuple(inputs) + _STATE_FIELDS
-  args = tuple(inputs.values()) + tuple(getattr(state, n)[0] for n in _STATE_FIELDS)
+  depth = len(state.weights)
+  layers = tuple(f"{n}[{i}]" for n in _STATE_FIELDS for i in range(depth))
+  names = tuple(inputs) + layers
+  args = tuple(inputs.values()) + tuple(x for n in _STATE_FIELDS for x in getattr(state, n))
 
-  def call(implementation, *args):
+  def call(implementation, *args, activation="gelu"):
     given = dict(zip(names, args))
-    start = state._replace(**{n: (given[n],) for n in _STATE_FIELDS})
-    return _run(implementation, chunk, {n: given[n] for n in inputs}, start)
+    start = state._replace(**{n: tuple(given[f"{n}[{i}]"] for i in range(depth))
+                              for n in _STATE_FIELDS})
+    return _run(implementation, chunk, {n: given[n] for n in inputs}, start, activation)
   return names, args, call
 
 
@@ -118,12 +150,14 @@ def _compare(call, args, names, dtype, key):
   assert y.dtype == dtype and y.shape == y_ref.shape
   assert_close(y, y_ref, rtol, "y")
   for name, got, want in zip(_STATE_FIELDS, final, final_ref):
-    assert got.dtype == jnp.float32
-    assert_close(got, want, rtol, f"final {name}")
+    for i, (layer, layer_ref) in enumerate(zip(got, want)):
+      assert layer.dtype == jnp.float32
+      assert_close(layer, layer_ref, rtol, f"final {name}[{i}]")
 
+  leaves, tree = jax.tree.flatten(final)
   cotangent = (jax.random.normal(key, y.shape, dtype),
-               tuple(jax.random.normal(jax.random.fold_in(key, i), x.shape)
-                     for i, x in enumerate(final)))
+               jax.tree.unflatten(tree, [jax.random.normal(jax.random.fold_in(key, i), x.shape)
+                                         for i, x in enumerate(leaves)]))
   for name, got, want in zip(names, pullback(cotangent), pullback_ref(cotangent)):
     assert got.dtype == want.dtype, name
     assert_close(got, want, grad_rtol, f"d{name}")
@@ -131,9 +165,6 @@ def _compare(call, args, names, dtype, key):
 
 def test_unsupported_calls_fall_back_or_raise(key):
   inputs, _ = _inputs(key, 1, 8, 1, 64, 64, jnp.float32)
-  hidden = titans.init_state((jnp.zeros((1, 64, 128)), jnp.zeros((1, 128, 64))), 1)
-  with pytest.raises(ValueError, match="linear memory"):
-    ops.neural_memory(**inputs, initial_state=hidden, implementation="pallas")
   with pytest.raises(ValueError, match="loss='l2'"):
     ops.neural_memory(**inputs, rule="moneta", implementation="pallas")
   with pytest.raises(ValueError, match="chunk_size"):
@@ -144,6 +175,29 @@ def test_unsupported_calls_fall_back_or_raise(key):
   # On a CPU, None picks the xla path: the same numbers as asking for it.
   y = ops.neural_memory(**inputs, implementation=None)
   np.testing.assert_array_equal(y, ops.neural_memory(**inputs, implementation="xla"))
+
+
+def test_mlp_memory_kernel_runs_only_when_asked_for(key, monkeypatch):
+  inputs, state = _inputs(key, 1, 8, 1, 64, 64, jnp.float32, hidden=128)
+  _, odd_width = _inputs(key, 1, 8, 1, 64, 64, jnp.float32, hidden=48)
+  with pytest.raises(ValueError, match="power-of-two hidden width"):
+    ops.neural_memory(**inputs, initial_state=odd_width, implementation="pallas")
+  # As on a GPU or TPU: None keeps the MLP memory on the xla form (its kernels are not yet
+  # timed on a chip), while the linear memory gets its kernel.
+  monkeypatch.setattr(dispatch, "pallas_compiles", lambda: True)
+  kernel_layers = []
+
+  def kernel(q, k, v, coefficients, weights0, *state, **options):
+    kernel_layers.append(len(weights0))
+    return chunked.chunk_loop(q, k, v, coefficients, weights0, *state, platform="gpu",
+                              interpret=True, **options)
+  monkeypatch.setattr(chunked, "on_default_backend", kernel)
+  y = ops.neural_memory(**inputs, initial_state=state)
+  np.testing.assert_array_equal(
+      y, ops.neural_memory(**inputs, initial_state=state, implementation="xla"))
+  assert not kernel_layers
+  ops.neural_memory(**inputs)
+  assert kernel_layers == [1]
 
 
 def test_block_sizes_are_checked(key):

@@ -17,3 +17,12 @@ def test_kernel_matches_xla(key, dtype, head_dim):
   inputs, state = _inputs(key, 2, 1021, 4, head_dim, head_dim, dtype)
   names, args, call = _with_state(inputs, state, 21, 64)
   _compare(call, args, names, dtype, key)
+
+
+@pytest.mark.parametrize("hidden", [64, 256])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlp_memory_kernel_matches_xla(key, dtype, hidden):
+  # The MLP memory's kernel is only run when asked for by name (see `neural_memory`).
+  inputs, state = _inputs(key, 2, 533, 4, 64, 64, dtype, hidden=hidden)
+  names, args, call = _with_state(inputs, state, 21, 64)
+  _compare(call, args, names, dtype, key)

@@ -309,8 +309,8 @@ def test_bad_inputs():
     _call(good, activation="tanh")
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):
     _call(good, chunk_size=0)
-  # The kernel runs the linear memory only (tests/kernels/test_titans.py has the rest).
-  with pytest.raises(ValueError, match="implementation='pallas' runs the linear memory"):
+  # The kernels take head dims 64 and 128 (tests/kernels/test_titans.py has the rest).
+  with pytest.raises(ValueError, match=r"implementation='pallas' needs K == V in \(64, 128\)"):
     _call(good, implementation="pallas")
   with pytest.raises(ValueError, match="implementation must be one of"):
     _call(good, implementation="triton")
