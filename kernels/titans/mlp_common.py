@@ -36,6 +36,26 @@ from memjax.ops import titans_memory
 
 # Inputs of one chunk that the outputs are differentiated in, by name.
 CHUNK_INPUTS = ("q", "k", "v", "cw", "d", "b", "cs", "e")
+# The backward kernels' per-token outputs, in order; the per-layer ones follow them.
+GRADS = ("dq", "dk", "dv", "dcw", "dd", "db", "dcs", "de")
+
+
+def layer_names(prefixes, depth):
+  """Ref names of per-layer arrays: each prefix followed by every layer index."""
+  return tuple(f"{p}{i}" for p in prefixes for i in range(depth))
+
+
+def by_layer(arrays, depth):
+  """Flat per-layer kernel outputs (group after group) -> a tuple of per-layer tuples."""
+  return tuple(tuple(arrays[g * depth:(g + 1) * depth]) for g in range(len(arrays) // depth))
+
+
+def backward_grads(out, depth):
+  """The backward kernels' outputs as the dict `chunked` expects: `GRADS`, then
+  dweights0, dmomentum0 and danchor0 as tuples per layer."""
+  grads = dict(zip(GRADS, out[:len(GRADS)]))
+  grads.update(zip(("dweights0", "dmomentum0", "danchor0"), by_layer(out[len(GRADS):], depth)))
+  return grads
 
 
 def unsupported(q, v, depth: int, hidden: int, loss: str, retention: str, chunk_size: int):

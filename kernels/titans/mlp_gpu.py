@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 from memjax.kernels import compat
 from memjax.kernels.delta_rule import common as dcommon
 from memjax.kernels.titans import mlp_common
+from memjax.kernels.titans.mlp_common import GRADS, layer_names
 from memjax.kernels.titans.gpu import COEFFICIENTS, last_real_chunk
 
 _WARPS = 8
@@ -32,25 +33,18 @@ def _chunk_values(r, n, chunk):
   return x
 
 
-def _layers(r, name, depth):
-  return tuple(r[f"{name}{i}"] for i in range(depth))
-
-
-def _names(prefixes, depth):
-  return tuple(f"{p}{i}" for p in prefixes for i in range(depth))
-
 
 def _forward_kernel(*refs, depth, chunk, activation, precise, save_starts):
   """Refs: q, k, v [T, K]; cw [T, C]; d, b, cs, e, mask [T]; weights0, momentum0, anchor0
   per layer [d_in, d_out]; outputs y [T, K]; weights, momentum, last_anchor per layer and,
   with `save_starts`, every chunk's start W and S per layer [N, d_in, d_out]."""
-  names = (("q", "k", "v") + COEFFICIENTS + _names(("w0_", "s0_", "a0_"), depth) + ("y",)
-           + _names(("w_", "s_", "last_a_"), depth)
-           + (_names(("ws_", "ss_"), depth) if save_starts else ()))
+  names = (("q", "k", "v") + COEFFICIENTS + layer_names(("w0_", "s0_", "a0_"), depth) + ("y",)
+           + layer_names(("w_", "s_", "last_a_"), depth)
+           + (layer_names(("ws_", "ss_"), depth) if save_starts else ()))
   r = dict(zip(names, refs))
   num_chunks = r["q"].shape[0] // chunk
   last_real = last_real_chunk(r["mask"], num_chunks, chunk)
-  anchor0 = tuple(ref[...] for ref in _layers(r, "a0_", depth))
+  anchor0 = tuple(r[f"a0_{i}"][...] for i in range(depth))
 
   def step(n, carry):
     weights, momentum = carry
@@ -70,8 +64,8 @@ def _forward_kernel(*refs, depth, chunk, activation, precise, save_starts):
     r["y"][pl.ds(n * chunk, chunk), :] = y.astype(r["y"].dtype)
     return weights, momentum
 
-  start = (tuple(ref[...] for ref in _layers(r, "w0_", depth)),
-           tuple(ref[...] for ref in _layers(r, "s0_", depth)))
+  start = (tuple(r[f"w0_{i}"][...] for i in range(depth)),
+           tuple(r[f"s0_{i}"][...] for i in range(depth)))
   weights, momentum = lax.fori_loop(0, num_chunks, step, start)
   for i in range(depth):
     r[f"w_{i}"][...] = weights[i]
@@ -132,9 +126,7 @@ def forward(q, k, v, coefficients, weights0, momentum0, anchor0, *, chunk, activ
       interpret=interpret,
       name="mlp_memory_forward",
   )(q, k, v, *(coefficients[n] for n in COEFFICIENTS), *weights0, *momentum0, *anchor0)
-  groups = [out[0]] + [tuple(out[1 + g * depth:1 + (g + 1) * depth])
-                       for g in range(5 if save_starts else 3)]
-  return tuple(groups)
+  return (out[0],) + mlp_common.by_layer(out[1:], depth)
 
 
 def _backward_kernel(*refs, depth, chunk, activation, precise):
@@ -142,9 +134,9 @@ def _backward_kernel(*refs, depth, chunk, activation, precise):
   layer [N, d_in, d_out], dy [T, K], dweights, dmomentum, dlast_anchor per layer; outputs
   dq, dk, dv [T, K], dcw [T, C], dd, db, dcs, de [T], dweights0, dmomentum0, danchor0 per
   layer."""
-  names = (("q", "k", "v") + COEFFICIENTS + _names(("a0_", "ws_", "ss_"), depth) + ("dy",)
-           + _names(("dw_", "ds_", "dla_"), depth) + _GRADS
-           + _names(("dw0_", "ds0_", "da0_"), depth))
+  names = (("q", "k", "v") + COEFFICIENTS + layer_names(("a0_", "ws_", "ss_"), depth) + ("dy",)
+           + layer_names(("dw_", "ds_", "dla_"), depth) + GRADS
+           + layer_names(("dw0_", "ds0_", "da0_"), depth))
   r = dict(zip(names, refs))
   num_chunks = r["q"].shape[0] // chunk
   last_real = last_real_chunk(r["mask"], num_chunks, chunk)
@@ -182,8 +174,6 @@ def _backward_kernel(*refs, depth, chunk, activation, precise):
     r[f"dw0_{l}"][...] = dweights[l]
     r[f"ds0_{l}"][...] = dmomentum[l]
 
-
-_GRADS = ("dq", "dk", "dv", "dcw", "dd", "db", "dcs", "de")
 
 
 def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy, dweights,
@@ -225,8 +215,4 @@ def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy,
       name="mlp_memory_backward",
   )(q, k, v, *(coefficients[n] for n in COEFFICIENTS), *anchor0, *weight_starts,
     *momentum_starts, dy, *dweights, *dmomentum, *dlast_anchor)
-  grads = dict(zip(_GRADS, out[:8]))
-  rest = out[8:]
-  grads.update(dweights0=tuple(rest[:depth]), dmomentum0=tuple(rest[depth:2 * depth]),
-               danchor0=tuple(rest[2 * depth:]))
-  return grads
+  return mlp_common.backward_grads(out, depth)

@@ -18,13 +18,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from memjax.kernels import compat
 from memjax.kernels.titans import mlp_common
+from memjax.kernels.titans.mlp_common import GRADS, layer_names
 from memjax.kernels.titans.tpu import as_rows, last_real_chunk
 
 _VECTORS = ("d", "b", "cs", "e")
 
-
-def _names(prefixes, depth):
-  return tuple(f"{p}{i}" for p in prefixes for i in range(depth))
 
 
 def _chunk_values(r):
@@ -67,10 +65,10 @@ def _forward_kernel(*refs, depth, activation, precise, save_starts):
   [1, C]; weights0, momentum0, anchor0 per layer [d_in, d_out]; outputs y [C, K], weights,
   momentum, last_anchor per layer and, with `save_starts`, this chunk's start W and S per
   layer; scratch W and S per layer."""
-  names = (_INPUTS + _names(("w0_", "s0_", "a0_"), depth) + ("y",)
-           + _names(("w_", "s_", "last_a_"), depth)
-           + (_names(("ws_", "ss_"), depth) if save_starts else ())
-           + _names(("w_now_", "s_now_"), depth))
+  names = (_INPUTS + layer_names(("w0_", "s0_", "a0_"), depth) + ("y",)
+           + layer_names(("w_", "s_", "last_a_"), depth)
+           + (layer_names(("ws_", "ss_"), depth) if save_starts else ())
+           + layer_names(("w_now_", "s_now_"), depth))
   r = dict(zip(names, refs))
   n = pl.program_id(2)
 
@@ -137,11 +135,8 @@ def forward(q, k, v, coefficients, weights0, momentum0, anchor0, *, chunk, activ
       interpret=interpret,
       name="mlp_memory_forward",
   )(*_inputs(q, k, v, coefficients, chunk), *weights0, *momentum0, *anchor0)
-  return (out[0],) + tuple(tuple(out[1 + g * depth:1 + (g + 1) * depth])
-                           for g in range(5 if save_starts else 3))
+  return (out[0],) + mlp_common.by_layer(out[1:], depth)
 
-
-_GRADS = ("dq", "dk", "dv", "dcw", "dd", "db", "dcs", "de")
 
 
 def _backward_kernel(*refs, depth, activation, precise):
@@ -149,9 +144,9 @@ def _backward_kernel(*refs, depth, activation, precise):
   the chunk's start W and S per layer; dy [C, K]; dweights, dmomentum, dlast_anchor per
   layer; outputs dq, dk, dv [C, K], dcw [C, C], dd, db, dcs, de [1, C], dweights0,
   dmomentum0, danchor0 per layer; scratch dW and dS per layer."""
-  names = (_INPUTS + _names(("a0_", "ws_", "ss_"), depth) + ("dy",)
-           + _names(("dw_", "ds_", "dla_"), depth) + _GRADS
-           + _names(("dw0_", "ds0_", "da0_", "dw_now_", "ds_now_"), depth))
+  names = (_INPUTS + layer_names(("a0_", "ws_", "ss_"), depth) + ("dy",)
+           + layer_names(("dw_", "ds_", "dla_"), depth) + GRADS
+           + layer_names(("dw0_", "ds0_", "da0_", "dw_now_", "ds_now_"), depth))
   r = dict(zip(names, refs))
   step = pl.program_id(2)
   n = pl.num_programs(2) - 1 - step
@@ -220,10 +215,7 @@ def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy,
       name="mlp_memory_backward",
   )(*_inputs(q, k, v, coefficients, chunk), *anchor0, *weight_starts, *momentum_starts, dy,
     *dweights, *dmomentum, *dlast_anchor)
-  grads = dict(zip(_GRADS, out[:8]))
+  grads = mlp_common.backward_grads(out, depth)
   for name in ("dd", "db", "dcs", "de"):
     grads[name] = grads[name].reshape(b, h, t)
-  rest = out[8:]
-  grads.update(dweights0=tuple(rest[:depth]), dmomentum0=tuple(rest[depth:2 * depth]),
-               danchor0=tuple(rest[2 * depth:]))
   return grads

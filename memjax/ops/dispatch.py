@@ -11,8 +11,7 @@ Every op has up to three implementations behind one signature:
 (GPU or TPU; see `pallas_compiles`), and skipping it too where the op reports the kernel
 measured slower than its xla form for the call, or not yet measured (`pallas_slower`). An
 explicit ``"pallas"`` on a CPU runs the kernel body in the Pallas interpreter: slow, but
-the real kernel. Asking for an implementation the op
-does not have is a `ValueError`.
+the real kernel. Asking for an implementation the op does not have is a `ValueError`.
 """
 
 from typing import Callable, Mapping, Optional
