@@ -4,6 +4,7 @@ equal the whole, implementations agree, and the layer has the paper's parts."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from memjax import nn as mnn
@@ -80,3 +81,19 @@ def test_short_convolution_is_causal(key):
   y_changed, _ = conv.apply(params, x.at[:, 6].add(1.0), state)
   assert_close(y_changed[:, :6], y[:, :6], 1e-7)  # Earlier outputs do not see token 6.
   assert not jnp.allclose(y_changed[:, 6], y[:, 6])
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 10])
+def test_short_convolution_equals_the_window_sum_from_its_state(key, length):
+  width, channels = 4, 5
+  conv = mnn.ShortConvolution(kernel_size=width)
+  kx, ks, kp = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (2, length, channels))
+  state = jax.random.normal(ks, (2, width - 1, channels))
+  params = conv.init(kp, x, state)
+  y, new_state = conv.apply(params, x, state)
+  kernel = np.asarray(nn.meta.unbox(params)["params"]["kernel"])
+  window = np.concatenate([np.asarray(state), np.asarray(x)], axis=1)
+  pre = np.stack([(window[:, t:t + width] * kernel).sum(axis=1) for t in range(length)], 1)
+  assert_close(y, jax.nn.silu(pre), 1e-6)
+  assert_close(new_state, window[:, -(width - 1):], 0.0)
