@@ -23,8 +23,11 @@ the per-token gradients come out of the same trace.
 On chip, per head: W, S and A of every layer, float32, i.e. 3 * 4 bytes * sum(d_in * d_out)
 (K = 64 with a 4x hidden layer: 384 KiB; K = 128: 1.5 MiB). That fits a TPU core's VMEM;
 on a GPU it is more than an SM's 228 KiB of shared memory at Titans' 4x hidden layer
-(K = 64 with a 2x hidden layer already needs 192 KiB before any activations), so the
-GPU body would spill: it is the reference layout for a GPU design yet to come.
+(K = 64 with a 2x hidden layer already needs 192 KiB before any activations). Measured on
+an H100 (BENCHMARKS.md), the GPU body compiles forward and backward only for small states
+(`GPU_STATE_LIMIT`), and its bfloat16 forward at 4x hidden takes 2.7x the xla form's time:
+it is the reference layout for a GPU design yet to come (the hidden units split over
+programs).
 """
 
 import jax
@@ -58,6 +61,21 @@ def backward_grads(out, depth):
   return grads
 
 
+# The largest per-head state (W, S and A of every layer, float32, see above) with which
+# the GPU body compiled forward and backward, by input dtype. Measured on an H100 at K = 64
+# (Triton's shared memory there: 227 KiB): bfloat16 with a 64-wide hidden layer (96 KiB of
+# state) compiled and matched the xla form; with a 256-wide one (384 KiB) the forward
+# compiled but the backward asked for 464 KiB of shared memory. float32 at 64 wide: the
+# forward compiled, the backward asked for 352 KiB. Sizes between were not tried.
+GPU_STATE_LIMIT = {jnp.dtype(jnp.bfloat16): 96 * 1024}
+
+
+def state_bytes(k: int, hidden: int, depth: int) -> int:
+  """Bytes of W, S and A of every layer of one head in float32 (K -> hidden -> ... -> K)."""
+  widths = (k,) + (hidden,) * (depth - 1) + (k,)
+  return 3 * 4 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
 def unsupported(q, v, depth: int, hidden: int, loss: str, retention: str, chunk_size: int):
   """Why the MLP-memory kernels cannot run this call, or None if they can."""
   if depth < 2:
@@ -72,6 +90,11 @@ def unsupported(q, v, depth: int, hidden: int, loss: str, retention: str, chunk_
     return f"needs chunk_size in {common.CHUNK_SIZES}, got {chunk_size}"
   if q.dtype not in (jnp.float32, jnp.bfloat16):
     return f"needs float32 or bfloat16 inputs, got {q.dtype}"
+  size = state_bytes(q.shape[-1], hidden, depth)
+  if jax.default_backend() == "gpu" and size > GPU_STATE_LIMIT.get(q.dtype, 0):
+    return (f"keeps {size // 1024} KiB of state per head on chip (K {q.shape[-1]}, hidden "
+            f"{hidden}, {depth} layers); its GPU body compiled forward and backward with "
+            f"at most {GPU_STATE_LIMIT.get(q.dtype, 0) // 1024} KiB for {q.dtype} inputs")
   return None
 
 

@@ -14,6 +14,7 @@ from memjax.kernels import compat
 from memjax.kernels.titans import BlockSizes
 from memjax.kernels.titans import chunked
 from memjax.kernels.titans import gpu
+from memjax.kernels.titans import mlp_common
 from memjax.ops import dispatch
 from memjax.ops import titans
 from tests.conftest import GRAD_RTOL, RTOL, assert_close
@@ -22,9 +23,15 @@ _INTERPRET = {"gpu": True, "tpu": compat.tpu_interpret()}
 _STATE_FIELDS = ("weights", "momentum", "anchor")
 
 
-def _inputs(key, b, t, h, dk, dv, dtype, hidden=None):
-  """q, k (unit norm), v in `dtype`; theta, eta, alpha in their ranges; a random state of
-  the linear memory, or with `hidden` of the two-layer MLP memory (dk == dv)."""
+def _inputs(key, b, t, h, dk, dv, dtype, hidden=None, max_theta=0.2, max_alpha=0.2):
+  """q, k (unit norm), v in `dtype`; theta in (0, max_theta), eta in (0, 1), alpha in
+  (0, max_alpha); a random state of the linear memory, or with `hidden` of the two-layer
+  MLP memory (dk == dv).
+
+  Over hundreds of tokens, forgetting at alpha ~ 0.1 shrinks the MLP memory's weights until
+  its LayerNormed outputs are mostly rounding: 1e-3 relative noise on the inputs then moves
+  them by 8% at T = 533. Long comparisons take a smaller `max_alpha`, which keeps the
+  weights, and the comparison meaningful (0.3% there at max_alpha = 0.02)."""
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   gate = lambda: 1 / (1 + np.exp(-normal(b, t, h)))
@@ -32,8 +39,8 @@ def _inputs(key, b, t, h, dk, dv, dtype, hidden=None):
   arrays = dict(q=normal(b, t, h, dk), k=k / np.linalg.norm(k, axis=-1, keepdims=True),
                 v=normal(b, t, h, dv))
   inputs = {n: jnp.asarray(x, dtype) for n, x in arrays.items()}
-  inputs.update(theta=jnp.asarray(0.2 * gate()), eta=jnp.asarray(gate()),
-                alpha=jnp.asarray(0.2 * gate()))
+  inputs.update(theta=jnp.asarray(max_theta * gate()), eta=jnp.asarray(gate()),
+                alpha=jnp.asarray(max_alpha * gate()))
   if hidden is None:
     weights = (jnp.asarray(0.5 * normal(h, dk, dv)),)
   else:
@@ -198,6 +205,19 @@ def test_mlp_memory_kernel_runs_only_when_asked_for(key, monkeypatch):
   assert not kernel_layers
   ops.neural_memory(**inputs)
   assert kernel_layers == [1]
+
+
+def test_mlp_memory_gpu_kernel_refuses_states_larger_than_it_compiled_with(monkeypatch):
+  k, depth = 64, 2
+  q = lambda dtype: jnp.zeros((1, 8, 1, k), dtype)
+  why = lambda dtype, hidden: mlp_common.unsupported(q(dtype), q(dtype), depth, hidden, "l2",
+                                                     "l2", 64)
+  assert mlp_common.state_bytes(k, 256, depth) == 384 * 1024
+  assert why(jnp.float32, 256) is None  # Interpreted on the CPU: no on-chip limit.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "384 KiB of state per head" in why(jnp.bfloat16, 256)
+  assert "96 KiB of state per head" in why(jnp.float32, 64)
+  assert why(jnp.bfloat16, 64) is None
 
 
 def test_block_sizes_are_checked(key):
