@@ -43,7 +43,7 @@ CHUNK_INPUTS = ("q", "k", "v", "cw", "d", "b", "cs", "e")
 GRADS = ("dq", "dk", "dv", "dcw", "dd", "db", "dcs", "de")
 
 
-def layer_names(prefixes, depth):
+def layer_names(depth, *prefixes):
   """Ref names of per-layer arrays: each prefix followed by every layer index."""
   return tuple(f"{p}{i}" for p in prefixes for i in range(depth))
 
@@ -90,11 +90,11 @@ def unsupported(q, v, depth: int, hidden: int, loss: str, retention: str, chunk_
     return f"needs chunk_size in {common.CHUNK_SIZES}, got {chunk_size}"
   if q.dtype not in (jnp.float32, jnp.bfloat16):
     return f"needs float32 or bfloat16 inputs, got {q.dtype}"
-  size = state_bytes(q.shape[-1], hidden, depth)
-  if jax.default_backend() == "gpu" and size > GPU_STATE_LIMIT.get(q.dtype, 0):
+  size, limit = state_bytes(q.shape[-1], hidden, depth), GPU_STATE_LIMIT.get(q.dtype, 0)
+  if jax.default_backend() == "gpu" and size > limit:
     return (f"keeps {size // 1024} KiB of state per head on chip (K {q.shape[-1]}, hidden "
             f"{hidden}, {depth} layers); its GPU body compiled forward and backward with "
-            f"at most {GPU_STATE_LIMIT.get(q.dtype, 0) // 1024} KiB for {q.dtype} inputs")
+            f"at most {limit // 1024} KiB for {q.dtype} inputs")
   return None
 
 

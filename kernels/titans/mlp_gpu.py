@@ -18,7 +18,6 @@ from jax.experimental import pallas as pl
 from memjax.kernels import compat
 from memjax.kernels.delta_rule import common as dcommon
 from memjax.kernels.titans import mlp_common
-from memjax.kernels.titans.mlp_common import GRADS, layer_names
 from memjax.kernels.titans.gpu import COEFFICIENTS, last_real_chunk
 
 _WARPS = 8
@@ -33,14 +32,14 @@ def _chunk_values(r, n, chunk):
   return x
 
 
-
 def _forward_kernel(*refs, depth, chunk, activation, precise, save_starts):
   """Refs: q, k, v [T, K]; cw [T, C]; d, b, cs, e, mask [T]; weights0, momentum0, anchor0
   per layer [d_in, d_out]; outputs y [T, K]; weights, momentum, last_anchor per layer and,
   with `save_starts`, every chunk's start W and S per layer [N, d_in, d_out]."""
-  names = (("q", "k", "v") + COEFFICIENTS + layer_names(("w0_", "s0_", "a0_"), depth) + ("y",)
-           + layer_names(("w_", "s_", "last_a_"), depth)
-           + (layer_names(("ws_", "ss_"), depth) if save_starts else ()))
+  names = (("q", "k", "v") + COEFFICIENTS
+           + mlp_common.layer_names(depth, "w0_", "s0_", "a0_") + ("y",)
+           + mlp_common.layer_names(depth, "w_", "s_", "last_a_")
+           + (mlp_common.layer_names(depth, "ws_", "ss_") if save_starts else ()))
   r = dict(zip(names, refs))
   num_chunks = r["q"].shape[0] // chunk
   last_real = last_real_chunk(r["mask"], num_chunks, chunk)
@@ -134,9 +133,10 @@ def _backward_kernel(*refs, depth, chunk, activation, precise):
   layer [N, d_in, d_out], dy [T, K], dweights, dmomentum, dlast_anchor per layer; outputs
   dq, dk, dv [T, K], dcw [T, C], dd, db, dcs, de [T], dweights0, dmomentum0, danchor0 per
   layer."""
-  names = (("q", "k", "v") + COEFFICIENTS + layer_names(("a0_", "ws_", "ss_"), depth) + ("dy",)
-           + layer_names(("dw_", "ds_", "dla_"), depth) + GRADS
-           + layer_names(("dw0_", "ds0_", "da0_"), depth))
+  names = (("q", "k", "v") + COEFFICIENTS
+           + mlp_common.layer_names(depth, "a0_", "ws_", "ss_") + ("dy",)
+           + mlp_common.layer_names(depth, "dw_", "ds_", "dla_") + mlp_common.GRADS
+           + mlp_common.layer_names(depth, "dw0_", "ds0_", "da0_"))
   r = dict(zip(names, refs))
   num_chunks = r["q"].shape[0] // chunk
   last_real = last_real_chunk(r["mask"], num_chunks, chunk)
@@ -173,7 +173,6 @@ def _backward_kernel(*refs, depth, chunk, activation, precise):
   for l in range(depth):
     r[f"dw0_{l}"][...] = dweights[l]
     r[f"ds0_{l}"][...] = dmomentum[l]
-
 
 
 def backward(q, k, v, coefficients, anchor0, weight_starts, momentum_starts, dy, dweights,

@@ -18,11 +18,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from memjax.kernels import compat
 from memjax.kernels.titans import mlp_common
-from memjax.kernels.titans.mlp_common import GRADS, layer_names
 from memjax.kernels.titans.tpu import as_rows, last_real_chunk
 
 _VECTORS = ("d", "b", "cs", "e")
-
 
 
 def _chunk_values(r):
@@ -65,10 +63,10 @@ def _forward_kernel(*refs, depth, activation, precise, save_starts):
   [1, C]; weights0, momentum0, anchor0 per layer [d_in, d_out]; outputs y [C, K], weights,
   momentum, last_anchor per layer and, with `save_starts`, this chunk's start W and S per
   layer; scratch W and S per layer."""
-  names = (_INPUTS + layer_names(("w0_", "s0_", "a0_"), depth) + ("y",)
-           + layer_names(("w_", "s_", "last_a_"), depth)
-           + (layer_names(("ws_", "ss_"), depth) if save_starts else ())
-           + layer_names(("w_now_", "s_now_"), depth))
+  names = (_INPUTS + mlp_common.layer_names(depth, "w0_", "s0_", "a0_") + ("y",)
+           + mlp_common.layer_names(depth, "w_", "s_", "last_a_")
+           + (mlp_common.layer_names(depth, "ws_", "ss_") if save_starts else ())
+           + mlp_common.layer_names(depth, "w_now_", "s_now_"))
   r = dict(zip(names, refs))
   n = pl.program_id(2)
 
@@ -138,15 +136,14 @@ def forward(q, k, v, coefficients, weights0, momentum0, anchor0, *, chunk, activ
   return (out[0],) + mlp_common.by_layer(out[1:], depth)
 
 
-
 def _backward_kernel(*refs, depth, activation, precise):
   """Refs: the forward's inputs for one chunk (visited last to first), anchor0 per layer;
   the chunk's start W and S per layer; dy [C, K]; dweights, dmomentum, dlast_anchor per
   layer; outputs dq, dk, dv [C, K], dcw [C, C], dd, db, dcs, de [1, C], dweights0,
   dmomentum0, danchor0 per layer; scratch dW and dS per layer."""
-  names = (_INPUTS + layer_names(("a0_", "ws_", "ss_"), depth) + ("dy",)
-           + layer_names(("dw_", "ds_", "dla_"), depth) + GRADS
-           + layer_names(("dw0_", "ds0_", "da0_", "dw_now_", "ds_now_"), depth))
+  names = (_INPUTS + mlp_common.layer_names(depth, "a0_", "ws_", "ss_") + ("dy",)
+           + mlp_common.layer_names(depth, "dw_", "ds_", "dla_") + mlp_common.GRADS
+           + mlp_common.layer_names(depth, "dw0_", "ds0_", "da0_", "dw_now_", "ds_now_"))
   r = dict(zip(names, refs))
   step = pl.program_id(2)
   n = pl.num_programs(2) - 1 - step

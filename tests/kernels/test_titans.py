@@ -23,8 +23,8 @@ _INTERPRET = {"gpu": True, "tpu": compat.tpu_interpret()}
 _STATE_FIELDS = ("weights", "momentum", "anchor")
 
 
-def _inputs(key, b, t, h, dk, dv, dtype, hidden=None, max_theta=0.2, max_alpha=0.2):
-  """q, k (unit norm), v in `dtype`; theta in (0, max_theta), eta in (0, 1), alpha in
+def _inputs(key, b, t, h, dk, dv, dtype, hidden=None, max_alpha=0.2):
+  """q, k (unit norm), v in `dtype`; theta in (0, 0.2), eta in (0, 1), alpha in
   (0, max_alpha); a random state of the linear memory, or with `hidden` of the two-layer
   MLP memory (dk == dv).
 
@@ -39,7 +39,7 @@ def _inputs(key, b, t, h, dk, dv, dtype, hidden=None, max_theta=0.2, max_alpha=0
   arrays = dict(q=normal(b, t, h, dk), k=k / np.linalg.norm(k, axis=-1, keepdims=True),
                 v=normal(b, t, h, dv))
   inputs = {n: jnp.asarray(x, dtype) for n, x in arrays.items()}
-  inputs.update(theta=jnp.asarray(max_theta * gate()), eta=jnp.asarray(gate()),
+  inputs.update(theta=jnp.asarray(0.2 * gate()), eta=jnp.asarray(gate()),
                 alpha=jnp.asarray(max_alpha * gate()))
   if hidden is None:
     weights = (jnp.asarray(0.5 * normal(h, dk, dv)),)
