@@ -13,6 +13,11 @@ of the unsharded op in `memjax.ops`:
   the delta rules the K x K product of the `exp(g_t) (I - beta_t k_t k_t^T)`) and its
   outputs R are the outputs' response, `o = o_0 + R S_in` (R [T, K] against S_in [K, V]).
 
+For linear attention and the delta rules the two are one call: every column of the state
+follows its own column of the values, so the values `[v | 0]` from the state `[0 | I_K]`
+give `[o_0 | R]` and `[U | A]` at once, with the per-chunk [C, C] work done once (two
+calls remain where the Pallas kernels take width V but not V + K).
+
 The shards all-gather their (A, U) over `seq_axis`, run the short recurrence over the seq
 devices from the initial state, and each takes the state it starts from. No call of the op
 waits for the collective, and since only the ops are called, each of their implementations
@@ -38,6 +43,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from memjax import ops
+from memjax.kernels.delta_rule import common as kernel_common
 from memjax.ops import chunking
 from memjax.ops import validation
 # The dtype linear_scan accumulates in: the shards' states must match the op's.
@@ -139,6 +145,16 @@ def _with_incoming(local, response, incoming, dtype):
   return o.astype(dtype)
 
 
+def _one_call(k: jax.Array, v: jax.Array, chunk_size: int) -> bool:
+  """Whether a shard computes its local and response parts in one call of width V + K.
+
+  Always, unless the Pallas kernels take width V but not V + K (they need widths in
+  `HEAD_DIMS`): then two kernel calls beat one call of the xla form."""
+  wide = jax.ShapeDtypeStruct(v.shape[:-1] + (v.shape[-1] + k.shape[-1],), v.dtype)
+  return not (kernel_common.unsupported(k, v, chunk_size) is None
+              and kernel_common.unsupported(k, wide, chunk_size) is not None)
+
+
 def _memory_shard_map(shard, mesh, batch_axes, head_axis, seq_axis):
   """`shard(q, k, v, gates, first) -> (outputs, final state)` as a `jax.shard_map`: the
   per-token arrays split over batch, seq and heads, the states over batch and heads."""
@@ -156,13 +172,22 @@ def _sharded_memory(q, k, v, gates, first, *, op, mesh, scale, chunk_size, imple
   """`op` on checked arguments, in shards; returns the outputs and the final state."""
   call = functools.partial(op, scale=scale, return_final_state=True, chunk_size=chunk_size,
                            implementation=implementation)
-  dk = q.shape[-1]
+  dk, dv = q.shape[-1], v.shape[-1]
+  widen = _one_call(k, v, chunk_size)
 
   def shard(q, k, v, gates, first):
-    o_local, end_local = call(q, k, v, **gates)
     identity = jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), first.shape[:2] + (dk, dk))
-    response, transition = call(q, k, jnp.zeros(k.shape, v.dtype), **gates,
-                                initial_state=identity)
+    zeros = jnp.zeros(k.shape, v.dtype)
+    if widen:
+      # Each column of the state follows its own column of v, so the local and response
+      # calls are one call on [v | 0] from [0 | I], sharing the per-chunk [C, C] work.
+      o, end = call(q, k, jnp.concatenate([v, zeros], -1), **gates,
+                    initial_state=jnp.concatenate([jnp.zeros_like(first), identity], -1))
+      o_local, response = o[..., :dv], o[..., dv:]
+      end_local, transition = end[..., :dv], end[..., dv:]
+    else:
+      o_local, end_local = call(q, k, v, **gates)
+      response, transition = call(q, k, zeros, **gates, initial_state=identity)
     incoming, final = _incoming_and_final(transition, end_local, first, apply=_matmul,
                                           seq_axis=seq_axis)
     return _with_incoming(o_local, response, incoming, v.dtype), final

@@ -123,13 +123,26 @@ def test_bfloat16_and_a_scale(key):
                       jnp.bfloat16)
 
 
-def test_pallas_kernel_in_shards(key):
+def _pallas_calls(fn, x) -> int:
+  """The kernel launches in the traced forward of `fn(x)` (nested jaxprs print inline)."""
+  return str(jax.make_jaxpr(fn)(x)).count("pallas_call")
+
+
+# dv 64: the local and response parts share one kernel call of width 64 + 64; dv 256:
+# the kernels take no width 256 + 64, so each shard makes two calls.
+@pytest.mark.parametrize("dv,calls_per_op_call", [(64, 1), (256, 2)])
+def test_pallas_kernel_in_shards(key, dv, calls_per_op_call):
   # The kernel's head dims start at 64; its body runs in the interpreter, so T is short.
-  x = _memory_inputs(key, "delta_rule", True, True, b=2, t=32, h=1, dk=64, dv=64)
+  x = _memory_inputs(key, "delta_rule", True, True, b=2, t=32, h=1, dk=64, dv=dv)
   kwargs = dict(return_final_state=True, chunk_size=16)
-  _assert_vjp_matches(_sharded("delta_rule", "data2_seq4", implementation="pallas", **kwargs),
-                      _unsharded("delta_rule", implementation="xla", **kwargs), x,
+  sharded = _sharded("delta_rule", "data2_seq4", implementation="pallas", **kwargs)
+  unsharded = _unsharded("delta_rule", implementation="pallas", **kwargs)
+  assert _pallas_calls(sharded, x) == calls_per_op_call * _pallas_calls(unsharded, x)
+  _assert_vjp_matches(sharded, _unsharded("delta_rule", implementation="xla", **kwargs), x,
                       jax.random.fold_in(key, 1), jnp.float32)
+
+
+def test_pallas_scan_in_shards(key):
   a = jax.nn.sigmoid(jax.random.normal(jax.random.fold_in(key, 2), (2, 32, 8)))
   b = jax.random.normal(jax.random.fold_in(key, 3), (2, 32, 8))
   h = _sharded("linear_scan", "data2_seq4", implementation="pallas")(dict(a=a, b=b))
