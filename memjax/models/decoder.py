@@ -64,6 +64,8 @@ class DecoderLM(nn.Module):
     attention_window: window of "swa" layers.
     chunk_size: chunk length of the memory ops.
     implementation: implementation of the memory ops (None: the fastest available).
+    memory_learning_rate: ceiling of the inner learning rate theta of the Titans memory
+      mixers ("lmm", "lmm_linear", "titans_*").
     pkm_n_keys, pkm_heads, pkm_knn, pkm_k_dim: the product-key memories of "pkm" layers
       (n_keys ** 2 value rows, query heads, values selected per head, key dim).
     pkm_shared_values: all "pkm" layers read one value table (`pkm_values`).
@@ -82,6 +84,7 @@ class DecoderLM(nn.Module):
   attention_window: Optional[int] = None
   chunk_size: int = 64
   implementation: Optional[str] = None
+  memory_learning_rate: float = 0.1
   pkm_n_keys: int = 32
   pkm_heads: int = 4
   pkm_knn: int = 16
@@ -111,7 +114,8 @@ class DecoderLM(nn.Module):
     mixer_settings = MixerSettings(
         num_heads=self.num_heads, head_dim=self.head_dim or self.d_model // self.num_heads,
         expand_v=self.expand_v, chunk_size=self.chunk_size,
-        implementation=self.implementation, window=self.attention_window)
+        implementation=self.implementation, window=self.attention_window,
+        memory_learning_rate=self.memory_learning_rate)
     ffn_settings = FFNSettings(
         mlp_hidden_dim=int(self.mlp_ratio * self.d_model), pkm_n_keys=self.pkm_n_keys,
         pkm_heads=self.pkm_heads, pkm_knn=self.pkm_knn, pkm_k_dim=self.pkm_k_dim)

@@ -35,6 +35,8 @@ class MixerSettings:
     chunk_size: chunk length of the memory ops.
     implementation: implementation of the memory ops (None: the fastest available).
     window: window of sliding-window attention (None: not set).
+    memory_learning_rate: the Titans memories' ceiling of the inner learning rate theta
+      (`NeuralMemory.max_learning_rate`).
   """
   num_heads: int
   head_dim: int
@@ -42,6 +44,7 @@ class MixerSettings:
   chunk_size: int = 64
   implementation: Optional[str] = None
   window: Optional[int] = None
+  memory_learning_rate: float = 0.1
 
 
 def _own_init_state(module: nn.Module, batch_size: int, dim: int, max_length: Optional[int]):
@@ -93,6 +96,7 @@ MIXERS: Dict[str, Mixer] = {
     # its init_state reads the parameters (the memory's initial weights).
     "lmm": Mixer(
         lambda s: mnn.NeuralMemory(num_heads=s.num_heads, head_dim=s.head_dim,
+                                   max_learning_rate=s.memory_learning_rate,
                                    chunk_size=s.chunk_size, implementation=s.implementation),
         lambda module, batch_size, dim, max_length: module.init_state(batch_size, dim)),
     # The LMM with a linear memory (Titans' depth-1 ablation): the memory whose Pallas kernel
@@ -100,6 +104,7 @@ MIXERS: Dict[str, Mixer] = {
     # (memjax.sharding.context_parallel_neural_memory) takes.
     "lmm_linear": Mixer(
         lambda s: mnn.NeuralMemory(num_heads=s.num_heads, head_dim=s.head_dim, memory_depth=1,
+                                   max_learning_rate=s.memory_learning_rate,
                                    chunk_size=s.chunk_size, implementation=s.implementation),
         lambda module, batch_size, dim, max_length: module.init_state(batch_size, dim)),
     "hopfield": Mixer(lambda s: CausalHopfield(num_heads=s.num_heads, head_dim=s.head_dim)),
@@ -108,12 +113,15 @@ MIXERS: Dict[str, Mixer] = {
     # and MAG's / MAL's sliding window (unset: full causal attention).
     "titans_mac": Mixer(lambda s: mnn.TitansMAC(
         num_heads=s.num_heads, head_dim=s.head_dim, segment_size=s.window or 64,
-        chunk_size=s.chunk_size, implementation=s.implementation)),
+        max_learning_rate=s.memory_learning_rate, chunk_size=s.chunk_size,
+        implementation=s.implementation)),
     "titans_mag": Mixer(lambda s: mnn.TitansMAG(
-        num_heads=s.num_heads, head_dim=s.head_dim, window=s.window, chunk_size=s.chunk_size,
+        num_heads=s.num_heads, head_dim=s.head_dim, window=s.window,
+        max_learning_rate=s.memory_learning_rate, chunk_size=s.chunk_size,
         implementation=s.implementation)),
     "titans_mal": Mixer(lambda s: mnn.TitansMAL(
-        num_heads=s.num_heads, head_dim=s.head_dim, window=s.window, chunk_size=s.chunk_size,
+        num_heads=s.num_heads, head_dim=s.head_dim, window=s.window,
+        max_learning_rate=s.memory_learning_rate, chunk_size=s.chunk_size,
         implementation=s.implementation)),
 }
 

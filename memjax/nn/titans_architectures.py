@@ -102,6 +102,7 @@ class _Titans(nn.Module):
     memory_depth: layers of the memory: 1 is a linear map, >= 2 the residual MLP.
     memory_expansion: hidden width of the MLP memory over head_dim.
     rule: a `memjax.ops.MirasRule` or preset of the memory ("titans", "yaad", ...).
+    max_learning_rate: the memory's ceiling of its inner learning rate theta.
     chunk_size: tokens whose memory gradients share the weights of their chunk's start.
     implementation: of `memjax.ops.neural_memory` ("reference", "xla" or None).
     rope_base: wavelength base of the attention's rotary embeddings.
@@ -112,6 +113,7 @@ class _Titans(nn.Module):
   memory_depth: int = 2
   memory_expansion: float = 4.0
   rule: Union[str, miras.MirasRule] = "titans"
+  max_learning_rate: float = 0.1
   chunk_size: int = 64
   implementation: Optional[str] = None
   rope_base: float = 10000.0
@@ -122,8 +124,8 @@ class _Titans(nn.Module):
     return NeuralMemory(num_heads=self.num_heads, head_dim=self.head_dim,
                         memory_depth=self.memory_depth,
                         memory_expansion=self.memory_expansion, rule=self.rule,
-                        chunk_size=self.chunk_size, implementation=self.implementation,
-                        name="memory")
+                        max_learning_rate=self.max_learning_rate, chunk_size=self.chunk_size,
+                        implementation=self.implementation, name="memory")
 
   def _check_config(self) -> None:
     _check_positive("num_heads", self.num_heads)
@@ -238,7 +240,8 @@ class TitansMAC(_Titans):
   Attributes:
     segment_size: C, the tokens of a segment (and of the attention's span).
     num_heads, head_dim, num_persistent_tokens, memory_depth,
-      memory_expansion, rule, chunk_size, implementation, rope_base: see `_Titans`.
+      memory_expansion, rule, max_learning_rate, chunk_size, implementation, rope_base:
+        see `_Titans`.
   """
   segment_size: int = 64
 
@@ -346,7 +349,8 @@ class _SlidingWindowTitans(_Titans):
     window: the attention's span (each token sees itself and `window - 1` before it);
       None is full causal attention (then init_state needs max_length).
     num_heads, head_dim, num_persistent_tokens, memory_depth,
-      memory_expansion, rule, chunk_size, implementation, rope_base: see `_Titans`.
+      memory_expansion, rule, max_learning_rate, chunk_size, implementation, rope_base:
+        see `_Titans`.
   """
   window: Optional[int] = 512
   # True: the persistent tokens stay visible to every token beside the window (SW-Attn*).

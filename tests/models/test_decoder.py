@@ -73,6 +73,17 @@ def test_scanned_equals_unscanned_for_equal_params(key, spec, ffns):
                scanned.apply({"params": params}, tokens), 1e-5)
 
 
+@pytest.mark.parametrize("spec", ["lmm", "lmm_linear", "titans_mac", "titans_mag", "titans_mal"])
+def test_memory_learning_rate_reaches_the_memory(key, spec):
+  """Same parameters, another ceiling of theta: other outputs (the memory learns more)."""
+  model = DecoderLM(mixers=spec, **SMALL)
+  tokens = jax.random.randint(key, (2, 19), 0, 50)
+  params = model.init(jax.random.fold_in(key, 1), tokens)["params"]
+  default = model.apply({"params": params}, tokens)
+  faster = model.clone(memory_learning_rate=0.5).apply({"params": params}, tokens)
+  assert float(jnp.abs(faster - default).max()) > 1e-4
+
+
 def test_shared_pkm_values_are_one_table(key):
   model = DecoderLM(mixers="gdn,gdn,gdn,gdn,gdn", ffns="pkm,pkm,mlp,mlp,pkm",
                     pkm_shared_values=True, **SMALL)
