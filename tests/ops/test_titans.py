@@ -11,6 +11,7 @@ import pytest
 from memjax import ops
 from memjax.ops import miras
 from memjax.ops import titans
+from memjax.ops import titans_chunked
 from tests.conftest import GRAD_RTOL, RTOL, assert_close
 
 PRESETS = ("titans", "moneta", "yaad", "memora")
@@ -245,6 +246,33 @@ def test_gate_gradients_at_exactly_zero(key, implementation):
   for name, got, want in zip(names, grads[implementation], grads["reference"]):
     assert float(jnp.abs(want[0, 5, 0] if name == "eta" else want[0, 9, 1])) > 1e-3
     assert_close(got, want, GRAD_RTOL[jnp.float32], f"d{name}")
+
+
+def test_range_products_match_cumulative_products(key):
+  """The log-space range products and their hand-written vjp equal plain cumulative
+  products differentiated by JAX, with gates of exactly 0 and 1 among them."""
+  c = 16
+  ks = jax.random.split(key, 4)
+  gate = jax.random.uniform(ks[0], (2, 3, c))
+  picks = jax.random.permutation(ks[1], gate.size)
+  gate = gate.ravel().at[picks[:6]].set(0.0).at[picks[6:10]].set(1.0).reshape(gate.shape)
+
+  def cumulative(g):
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    factors = jnp.where(jnp.tril(causal, -1), g[..., :, None], 1.0)
+    return (jnp.where(causal, jnp.cumprod(factors, axis=-2), 0.0),
+            jnp.cumprod(g, axis=-1))
+
+  cot = (jax.random.normal(ks[2], (2, 3, c, c)), jax.random.normal(ks[3], (2, 3, c)))
+  (p, e), pullback = jax.vjp(titans_chunked._range_products, gate)
+  (p_ref, e_ref), pullback_ref = jax.vjp(cumulative, gate)
+  assert_close(p, p_ref, RTOL[jnp.float32], "P")
+  assert_close(e, e_ref, RTOL[jnp.float32], "E")
+  got, want = pullback(cot)[0], pullback_ref(cot)[0]
+  zero = gate == 0
+  assert float(jnp.linalg.norm(want[zero])) > 1e-2  # products of the other gates, not 0
+  assert_close(got[zero], want[zero], RTOL[jnp.float32], "dgate at gates of 0")
+  assert_close(got, want, RTOL[jnp.float32], "dgate")
 
 
 def test_split_state_anywhere(key):
