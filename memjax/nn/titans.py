@@ -110,7 +110,9 @@ class NeuralMemory(nn.Module):
     memory_expansion: hidden width of the MLP memory over head_dim.
     rule: a `memjax.ops.MirasRule` or preset ("titans", "moneta", "yaad", "memora").
     use_momentum: learn eta (Titans); False is plain gradient descent (Moneta, Yaad, Memora).
-    max_learning_rate: theta = max_learning_rate * sigmoid(.).
+    max_learning_rate: theta = max_learning_rate * sigmoid(.). Too large a ceiling makes
+      the inner update diverge: S-NIAH training turned NaN at 0.1 and was stable at 0.01
+      (RESULTS.md).
     gate_rank: rank of the gate projections.
     num_persistent_tokens: learnable tokens written into the memory before the sequence.
     activation: sigma of the MLP memory.
