@@ -6,8 +6,8 @@ trained and scored on the answer tokens only (see memjax/data/sniah.py).
 `eval/exact_match` is the RULER score: the fraction of held-out examples whose
 whole value is predicted right. Variants: the default is a 1024-token context
 with the "passkey" needle (not measured as is; RESULTS.md scores 4-layer
-d_model-256 models); `tiny` is a few steps of
-a tiny model on 128-token contexts, for tests. From the repo root:
+d_model-256 models); `tiny` is a few steps of a tiny model on 128-token
+contexts, for tests. From the repo root:
 
   python experiments/train.py --config=experiments/configs/sniah.py \
       --workdir=/tmp/memjax/sniah
