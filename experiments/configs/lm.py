@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           # Span of "swa" (sliding-window attention) layers; None for other mixers.
           attention_window=config_dict.placeholder(int),
           # Ceiling of the Titans memories' inner learning rate theta (lmm, titans_*).
-          memory_learning_rate=0.1,
+          memory_learning_rate=0.01,
       )
   )
   config.data = ml_collections.ConfigDict(

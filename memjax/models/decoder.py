@@ -84,7 +84,7 @@ class DecoderLM(nn.Module):
   attention_window: Optional[int] = None
   chunk_size: int = 64
   implementation: Optional[str] = None
-  memory_learning_rate: float = 0.1
+  memory_learning_rate: float = 0.01
   pkm_n_keys: int = 32
   pkm_heads: int = 4
   pkm_knn: int = 16

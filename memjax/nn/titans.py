@@ -111,8 +111,12 @@ class NeuralMemory(nn.Module):
     rule: a `memjax.ops.MirasRule` or preset ("titans", "moneta", "yaad", "memora").
     use_momentum: learn eta (Titans); False is plain gradient descent (Moneta, Yaad, Memora).
     max_learning_rate: theta = max_learning_rate * sigmoid(.). Too large a ceiling makes
-      the inner update diverge: S-NIAH training turned NaN at 0.1 and was stable at 0.01
-      (RESULTS.md).
+      the inner update diverge: the gradients of a chunk are all taken at its start, so
+      with momentum near 1 one chunk moves the weights by up to about C^2 / 2 steps of
+      theta with no feedback. S-NIAH training turned NaN at 0.1 for both memories; at 0.01
+      the linear memory solved S-NIAH and MQAR and the MLP memory the CPU MQAR job
+      (RESULTS.md). titans-pytorch's default is about 0.016 in these units (it averages
+      the loss over the V features).
     gate_rank: rank of the gate projections.
     num_persistent_tokens: learnable tokens written into the memory before the sequence.
     activation: sigma of the MLP memory.
@@ -126,7 +130,7 @@ class NeuralMemory(nn.Module):
   memory_expansion: float = 4.0
   rule: Union[str, miras.MirasRule] = "titans"
   use_momentum: bool = True
-  max_learning_rate: float = 0.1
+  max_learning_rate: float = 0.01
   gate_rank: int = 32
   num_persistent_tokens: int = 0
   activation: str = "gelu"

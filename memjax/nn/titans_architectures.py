@@ -113,7 +113,7 @@ class _Titans(nn.Module):
   memory_depth: int = 2
   memory_expansion: float = 4.0
   rule: Union[str, miras.MirasRule] = "titans"
-  max_learning_rate: float = 0.1
+  max_learning_rate: float = 0.01
   chunk_size: int = 64
   implementation: Optional[str] = None
   rope_base: float = 10000.0
