@@ -67,3 +67,24 @@ def test_parameters():
   assert [shapes[f"memory_w{i}"].shape for i in range(3)] == [(2, 4, 16), (2, 16, 16), (2, 16, 4)]
   assert shapes["persistent"]["tokens"].shape == (2, 8)
   assert shapes["theta_gate"]["down"]["kernel"].shape == (8, 3)
+
+
+@pytest.mark.parametrize("memory_depth", [1, 2])
+def test_initial_gates_keep_the_memory_trainable_over_a_long_sequence(key, memory_depth):
+  """At its initial gates the memory must not forget its weights to zero within a
+  1,024-token sequence: the MLP memory's LayerNorm ignores the weights' scale, so shrunken
+  weights make the outer gradients explode (they did, with the linear memory's forgetting
+  rate: 1e7 and beyond at 1,024 tokens)."""
+  layer = mnn.NeuralMemory(num_heads=2, head_dim=16, memory_depth=memory_depth,
+                           gate_rank=4, chunk_size=64, implementation="xla")
+  x = jax.random.normal(key, (1, 1024, 32))
+  params = jax.jit(layer.init)(jax.random.fold_in(key, 1), x[:, :64])
+  memory = nn.meta.unbox(params["params"])
+  initial = [np.linalg.norm(memory[f"memory_w{i}"]) for i in range(memory_depth)]
+  _, state = jax.jit(layer.apply)(params, x)
+  final = [np.linalg.norm(w) for w in state.memory.weights]
+  if memory_depth > 1:
+    assert all(f > 0.5 * i for f, i in zip(final, initial)), (final, initial)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(layer.apply(params, x)[0][:, -16:] ** 2)))(x)
+  assert np.isfinite(np.asarray(grad)).all()
+  assert np.abs(np.asarray(grad)).max() < 1e3
