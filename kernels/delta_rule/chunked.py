@@ -8,7 +8,9 @@ passes `state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, int
 `qk_grads(q, k, w, do, vn, dvn, gamma, starts, dends, *, chunk, key_block, value_block,
 scale, interpret)` and `wy_grads(k, v, a, beta, gamma, dw, dvn, dk, *, chunk, block,
 interpret)` (see `backward`); and the block sizes `STATE_GRAD_VALUE_BLOCK` (value columns
-per program of `state_grad`) and `BACKWARD_BLOCK` (the column block of the latter two).
+per program of `state_grad`), `BACKWARD_BLOCK` (key columns per program of `qk_grads`, and
+the column block of `wy_grads`) and `QK_GRADS_VALUE_BLOCK` (value columns per loop step of
+`qk_grads`, by the inputs' bytes per element).
 
 When differentiated, the forward also saves what the backward reads: W and each chunk's
 inverse `(I + L)^-1` from the `wy` pass, and every chunk's start state [B, H, N, K, V] and
@@ -88,7 +90,9 @@ def _bwd(chip, blocks, interpret, scale, residuals, cotangents):
   block = lambda *dims: min((chip.BACKWARD_BLOCK,) + dims)
   dq, dk, dw, dgamma = chip.qk_grads(
       qp, kp, w, do, saved["v_new"], dvn, gamma, saved["starts"], dends, chunk=blocks.chunk,
-      key_block=block(kp.shape[-1]), value_block=block(vp.shape[-1]), scale=scale,
+      key_block=block(kp.shape[-1]),
+      value_block=min(chip.QK_GRADS_VALUE_BLOCK[qp.dtype.itemsize], vp.shape[-1]),
+      scale=scale,
       interpret=interpret)
   dgamma = jnp.sum(dgamma, axis=0)
   if betap is not None:

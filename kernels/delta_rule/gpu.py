@@ -29,13 +29,21 @@ from memjax.kernels.delta_rule import common
 _WY_WARPS = 2
 _STATE_WARPS = 4
 _STAGES = 2
-# The backward's per-chunk passes (H100, same shape): qk_grads 1.34 ms on 4 warps with
-# 64-column key and value blocks (8 warps 1.62, 2 warps spill: 21-23 ms; 128-column key
-# blocks 2.3), wy_grads 0.93 ms on 4 warps with 64-column blocks (8 warps 1.05-1.21).
+# The wy pass that also builds the chunk inverses for the backward holds four more
+# [16, 64] float32 tiles: 4 warps 0.62 ms, 2 warps 0.71, 8 warps 1.04 (H100, same shape).
+_WY_INVERSE_WARPS = 4
+# The backward's per-chunk passes (H100, same shape, each pass alone): qk_grads 0.78 ms on
+# 4 warps with 64-column key blocks and the whole 128 value columns per loop step (64
+# columns 0.92, 32 columns 1.28; 8 warps 1.29, 2 warps spill: 2.9; 32-column key blocks
+# 0.96-1.11), wy_grads 0.59 ms on 4 warps with 64-column blocks (32 columns 0.78, 128 on 8
+# warps 0.79, 64 on 8 warps 0.97).
 _GRAD_WARPS = 4
 _WY_GRAD_WARPS = 4
-# Columns of K per program, and of K and V per loop step, of the backward's per-chunk passes.
+# Columns of K per program of qk_grads, and of K and V per loop step of wy_grads.
 BACKWARD_BLOCK = 64
+# Columns of V per loop step of qk_grads, by the inputs' bytes per element. float32 keeps
+# the 64 columns it was checked with on the GPU: its tiles are twice the size.
+QK_GRADS_VALUE_BLOCK = {2: 128, 4: 64}
 # 32 value columns per program of the backward state pass: 0.71 ms against 1.13 ms with 64
 # (H100, B8-T4096-H16-D128 bf16; the reverse walk carries a second [C, Vb] product).
 STATE_GRAD_VALUE_BLOCK = 32
@@ -79,7 +87,8 @@ def wy(k, v, beta, gamma, *, chunk, interpret, inverse=False):
       grid=(b, h, t // chunk),
       in_specs=[rows(dk), rows(dv), gates, gates],
       out_specs=tuple(out_specs),
-      compiler_params=compat.triton_params(_WY_WARPS, _stages(k, v)),
+      compiler_params=compat.triton_params(_WY_INVERSE_WARPS if inverse else _WY_WARPS,
+                                           _stages(k, v)),
       interpret=interpret,
       name="delta_rule_wy",
   )(k, v, beta, gamma)
@@ -266,9 +275,9 @@ def qk_grads(q, k, w, do, vn, dvn, gamma, starts, dends, *, chunk, key_block, va
     key_block, value_block: columns of K per program and of V per step of its loop.
 
   Returns:
-    `(dq, dk, dw, dgamma)`: dq [B, T, H, K] in q's dtype; this pass's parts of dk
-    [B, T, H, K] and dgamma [K / key_block, B, T, H] in float32; dW [B, T, H, K] in q's
-    dtype (None for linear attention).
+    `(dq, dk, dw, dgamma)`: dq [B, T, H, K] in q's dtype; this pass's part of dk
+    [B, T, H, K] in q's dtype and of dgamma [K / key_block, B, T, H] in float32; dW
+    [B, T, H, K] in q's dtype (None for linear attention).
   """
   b, t, h, dk = q.shape
   dv = do.shape[-1]
@@ -287,7 +296,9 @@ def qk_grads(q, k, w, do, vn, dvn, gamma, starts, dends, *, chunk, key_block, va
     inputs["w"] = (w, keys)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   outputs = {"dq": (jax.ShapeDtypeStruct(q.shape, q.dtype), keys),
-             "dk": (f32(k.shape), keys),
+             # In q's dtype: wy_grads only adds it to its own part, and the sum is rounded
+             # to k's dtype anyway; in float32 it cost 0.1 ms of HBM traffic at 8-4096.
+             "dk": (jax.ShapeDtypeStruct(k.shape, q.dtype), keys),
              "dgamma": (f32((dk // key_block, b, t, h)),
                         pl.BlockSpec((None, None, chunk, None), lambda c, i, j, n: (c, i, n, j)))}
   if delta:
@@ -325,7 +336,7 @@ def wy_grads(k, v, a, beta, gamma, dw, dvn, dk, *, chunk, block, interpret):
   Args:
     k: [B, T, H, K]; v: [B, T, H, V]; a: the chunks' `(I + L)^-1` [B, T, H, C] (from
       `wy`); beta: [B, T, H]; gamma: [B, T, H] float32; dw: dW [B, T, H, K]; dvn: dVn
-      [B, T, H, V]; dk: pass 2's part of dk [B, T, H, K] float32.
+      [B, T, H, V]; dk: pass 2's part of dk [B, T, H, K].
     block: columns of K and V per step of the loops over them.
 
   Returns:

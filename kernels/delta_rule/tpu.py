@@ -24,6 +24,8 @@ from memjax.kernels.delta_rule import common
 # Columns of K per program, and of K and V per loop step, of the backward's per-chunk passes:
 # one 128-lane row.
 BACKWARD_BLOCK = 128
+# Columns of V per loop step of qk_grads, by the inputs' bytes per element: one lane row.
+QK_GRADS_VALUE_BLOCK = {2: 128, 4: 128}
 # Value columns per program of the backward state pass: one lane row.
 STATE_GRAD_VALUE_BLOCK = 128
 
