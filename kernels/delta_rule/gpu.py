@@ -42,7 +42,8 @@ _WY_GRAD_WARPS = 4
 # Columns of K per program of qk_grads, and of K and V per loop step of wy_grads.
 BACKWARD_BLOCK = 64
 # Columns of V per loop step of qk_grads, by the inputs' bytes per element. float32 keeps
-# the 64 columns it was checked with on the GPU: its tiles are twice the size.
+# the 64 columns of its earlier GPU checks (D 64 and 128): its tiles are twice the size, and
+# 128 columns of it were not compiled on a GPU.
 QK_GRADS_VALUE_BLOCK = {2: 128, 4: 64}
 # 32 value columns per program of the backward state pass: 0.71 ms against 1.13 ms with 64
 # (H100, B8-T4096-H16-D128 bf16; the reverse walk carries a second [C, Vb] product).
