@@ -29,6 +29,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from memjax.data import tokenizer
+from memjax.nn import titans
 
 _VARIANTS = ("default", "tiny")
 
@@ -68,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           # Span of "swa" (sliding-window attention) layers; None for other mixers.
           attention_window=config_dict.placeholder(int),
           # Ceiling of the Titans memories' inner learning rate theta (lmm, titans_*).
-          memory_learning_rate=0.01,
+          memory_learning_rate=titans.DEFAULT_MAX_LEARNING_RATE,
       )
   )
   config.data = ml_collections.ConfigDict(

@@ -35,6 +35,8 @@ only with XLA_FLAGS=--xla_gpu_deterministic_ops=true.
 import ml_collections
 from ml_collections import config_dict
 
+from memjax.nn import titans
+
 _VARIANTS = ("cpu", "gpu", "tiny", "mom", "lmm", "pkm")
 
 
@@ -86,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           # Span of "swa" (sliding-window attention) layers; None for other mixers.
           attention_window=config_dict.placeholder(int),
           # Ceiling of the Titans memories' inner learning rate theta (lmm, titans_*).
-          memory_learning_rate=0.01,
+          memory_learning_rate=titans.DEFAULT_MAX_LEARNING_RATE,
       )
   )
   config.data = ml_collections.ConfigDict(

@@ -40,6 +40,7 @@ from memjax.nn import ProductKeyValues
 from memjax.nn import RMSNorm
 from memjax.nn.partitioning import dense
 from memjax.nn.partitioning import partitioned
+from memjax.nn.titans import DEFAULT_MAX_LEARNING_RATE
 
 # One entry per layer run: the mixer state of a single block, or the states of a scanned
 # run's blocks stacked on a leading layer axis.
@@ -84,7 +85,7 @@ class DecoderLM(nn.Module):
   attention_window: Optional[int] = None
   chunk_size: int = 64
   implementation: Optional[str] = None
-  memory_learning_rate: float = 0.01
+  memory_learning_rate: float = DEFAULT_MAX_LEARNING_RATE
   pkm_n_keys: int = 32
   pkm_heads: int = 4
   pkm_knn: int = 16

@@ -44,7 +44,7 @@ class MixerSettings:
   chunk_size: int = 64
   implementation: Optional[str] = None
   window: Optional[int] = None
-  memory_learning_rate: float = 0.01
+  memory_learning_rate: float = mnn.titans.DEFAULT_MAX_LEARNING_RATE
 
 
 def _own_init_state(module: nn.Module, batch_size: int, dim: int, max_length: Optional[int]):

@@ -100,6 +100,12 @@ class PersistentTokens(nn.Module):
     return self.param("tokens", init, (self.num_tokens, dim))
 
 
+# Default ceiling of theta, the Titans memories' inner learning rate; every layer and
+# model that builds a Titans memory takes its default from here (see
+# `NeuralMemory.max_learning_rate`).
+DEFAULT_MAX_LEARNING_RATE = 0.01
+
+
 class NeuralMemory(nn.Module):
   """Multi-head neural long-term memory mixer; see the module docstring.
 
@@ -130,7 +136,7 @@ class NeuralMemory(nn.Module):
   memory_expansion: float = 4.0
   rule: Union[str, miras.MirasRule] = "titans"
   use_momentum: bool = True
-  max_learning_rate: float = 0.01
+  max_learning_rate: float = DEFAULT_MAX_LEARNING_RATE
   gate_rank: int = 32
   num_persistent_tokens: int = 0
   activation: str = "gelu"

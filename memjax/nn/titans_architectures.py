@@ -39,6 +39,7 @@ from memjax.nn.norms import RMSNorm
 from memjax.nn.partitioning import dense
 from memjax.nn.partitioning import partitioned
 from memjax.nn.partitioning import split_dense
+from memjax.nn.titans import DEFAULT_MAX_LEARNING_RATE
 from memjax.nn.titans import NeuralMemory
 from memjax.nn.titans import NeuralMemoryLayerState
 from memjax.nn.titans import PersistentTokens
@@ -113,7 +114,7 @@ class _Titans(nn.Module):
   memory_depth: int = 2
   memory_expansion: float = 4.0
   rule: Union[str, miras.MirasRule] = "titans"
-  max_learning_rate: float = 0.01
+  max_learning_rate: float = DEFAULT_MAX_LEARNING_RATE
   chunk_size: int = 64
   implementation: Optional[str] = None
   rope_base: float = 10000.0
