@@ -7,10 +7,11 @@ state0, *, chunk, value_block, scale, out_dtype, interpret, save_residuals)`, th
 passes `state_grad(q, k, w, do, gamma, dfinal, *, chunk, value_block, scale, interpret)`,
 `qk_grads(q, k, w, do, vn, dvn, gamma, starts, dends, *, chunk, key_block, value_block,
 scale, interpret)` and `wy_grads(k, v, a, beta, gamma, dw, dvn, dk, *, chunk, block,
-interpret)` (see `backward`); and the block sizes `STATE_GRAD_VALUE_BLOCK` (value columns
-per program of `state_grad`), `BACKWARD_BLOCK` (key columns per program of `qk_grads`, and
-the column block of `wy_grads`) and `QK_GRADS_VALUE_BLOCK` (value columns per loop step of
-`qk_grads`, by the inputs' bytes per element).
+interpret)` (see `backward`); and the block sizes `STATE_VALUE_BLOCK` and
+`STATE_GRAD_VALUE_BLOCK` (value columns per program of the two state walks, the second by
+op, narrowed by `walk_value_block` when there are few heads), `BACKWARD_BLOCK` (key columns
+per program of `qk_grads`, and the column block of `wy_grads`) and `QK_GRADS_VALUE_BLOCK`
+(value columns per loop step of `qk_grads`, by the inputs' bytes per element).
 
 When differentiated, the forward also saves what the backward reads: W and each chunk's
 inverse `(I + L)^-1` from the `wy` pass, and every chunk's start state [B, H, N, K, V] and
@@ -27,9 +28,17 @@ from memjax.kernels.delta_rule import common
 from memjax.kernels.delta_rule import gpu
 from memjax.kernels.delta_rule import tpu
 
-# Columns of the state per program of the state pass. GPU: 64 keeps a [128, 64] float32
-# state in the registers of four warps and gives B * H * V / 64 programs. TPU: one lane row.
-DEFAULT_VALUE_BLOCK = {"gpu": 64, "tpu": 128}
+
+def walk_value_block(chip, widest, batch_heads, dv):
+  """Value columns per program of a state walk over `batch_heads` (B * H) heads of V = `dv`:
+  `widest` (or V), halved while the walk would have fewer than `chip.MIN_WALK_PROGRAMS`
+  programs, but not below `chip.MIN_WALK_VALUE_BLOCK`. A walk is sequential over the chunks,
+  so narrower blocks trade per-program width for programs to fill the chip with."""
+  block = min(widest, dv)
+  while (block // 2 >= chip.MIN_WALK_VALUE_BLOCK
+         and batch_heads * (dv // block) < chip.MIN_WALK_PROGRAMS):
+    block //= 2
+  return block
 
 
 def _padded(chunk, q, k, v, beta, g):
@@ -85,7 +94,10 @@ def _bwd(chip, blocks, interpret, scale, residuals, cotangents):
   do = common.pad_time(do.astype(qp.dtype), qp.shape[1])
   dends, dvn, dstate0 = chip.state_grad(
       qp, kp, w, do, gamma, dfinal, chunk=blocks.chunk,
-      value_block=min(chip.STATE_GRAD_VALUE_BLOCK, vp.shape[-1]), scale=scale,
+      value_block=walk_value_block(
+          chip, chip.STATE_GRAD_VALUE_BLOCK["delta" if betap is not None else "linear"],
+          qp.shape[0] * qp.shape[2], vp.shape[-1]),
+      scale=scale,
       interpret=interpret)
   block = lambda *dims: min((chip.BACKWARD_BLOCK,) + dims)
   dq, dk, dw, dgamma = chip.qk_grads(
@@ -138,7 +150,8 @@ def on_default_backend(q, k, v, beta, g, *, scale, initial_state, chunk_size):
   `delta_rule`; `chunk_size` is the chunk of the blocks."""
   backend = jax.default_backend()
   chip = tpu if backend == "tpu" else gpu
-  value_block = DEFAULT_VALUE_BLOCK["tpu" if backend == "tpu" else "gpu"]
-  blocks = common.BlockSizes(chunk=chunk_size, value=min(value_block, v.shape[-1]))
+  value_block = walk_value_block(chip, chip.STATE_VALUE_BLOCK, q.shape[0] * q.shape[2],
+                                 v.shape[-1])
+  blocks = common.BlockSizes(chunk=chunk_size, value=value_block)
   return delta_rule(chip, q, k, v, beta, g, scale=scale, initial_state=initial_state,
                     blocks=blocks, interpret=backend not in ("gpu", "tpu"))

@@ -45,9 +45,19 @@ BACKWARD_BLOCK = 64
 # the 64 columns of its earlier GPU checks (D 64 and 128): its tiles are twice the size, and
 # 128 columns of it were not compiled on a GPU.
 QK_GRADS_VALUE_BLOCK = {2: 128, 4: 64}
-# 32 value columns per program of the backward state pass: 0.71 ms against 1.13 ms with 64
-# (H100, B8-T4096-H16-D128 bf16; the reverse walk carries a second [C, Vb] product).
-STATE_GRAD_VALUE_BLOCK = 32
+# Value columns per program of the forward state pass (64: 0.42 ms at the shape above on an
+# H200), and of the backward one by op: the delta rule's 32 (0.71 ms against 1.13 ms with
+# 64 on an H100; its reverse walk carries a second [C, Vb] product, through W), linear
+# attention's 64 (0.43 ms against 0.53 with 32, H100).
+STATE_VALUE_BLOCK = 64
+STATE_GRAD_VALUE_BLOCK = {"delta": 32, "linear": 64}
+# The walks run one program per (value block, batch, head), each sequential over the
+# chunks, so with few heads most SMs idle: `chunked.walk_value_block` halves the blocks, down
+# to 16 columns, until there are 128 programs (an H100 and an H200 have 132 SMs). H100,
+# H16 D128 bf16, gdn forward with 64 / 32 / 16 columns: B1-T64K 5.90 / 4.33 / 3.72 ms,
+# B2-T16K 1.37 / 1.27 / 1.33, B16-T4K (512 programs at 64) 1.64 / 1.92 / 2.57.
+MIN_WALK_VALUE_BLOCK = 16
+MIN_WALK_PROGRAMS = 128
 
 
 def _stages(*arrays) -> int:

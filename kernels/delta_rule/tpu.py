@@ -26,8 +26,13 @@ from memjax.kernels.delta_rule import common
 BACKWARD_BLOCK = 128
 # Columns of V per loop step of qk_grads, by the inputs' bytes per element: one lane row.
 QK_GRADS_VALUE_BLOCK = {2: 128, 4: 128}
-# Value columns per program of the backward state pass: one lane row.
-STATE_GRAD_VALUE_BLOCK = 128
+# Value columns per program of the forward and backward state passes (the latter by op: the
+# "delta" rule or "linear" attention): one lane row, never narrower (`MIN_WALK_VALUE_BLOCK`),
+# so the few-heads narrowing of `chunked.walk_value_block` does not apply.
+STATE_VALUE_BLOCK = 128
+STATE_GRAD_VALUE_BLOCK = {"delta": 128, "linear": 128}
+MIN_WALK_VALUE_BLOCK = 128
+MIN_WALK_PROGRAMS = 0
 
 
 def _heads_first(x):

@@ -151,6 +151,21 @@ def test_a_slower_kernel_is_skipped_by_default_but_runs_when_asked(monkeypatch):
   assert dispatch.choose("op", "pallas", impls, pallas_slower="slow")() == "pallas"
 
 
+# (batch * heads, V) -> value columns per program of the GPU walks (widest 64) and the TPU's.
+@pytest.mark.parametrize("batch_heads,dv,gpu_block,tpu_block", [
+    (128, 128, 64, 128),  # 256 programs at 64 columns: no narrowing
+    (64, 128, 64, 128),   # exactly 128 programs
+    (32, 128, 32, 128),   # B2 H16: 64 programs at 64, 128 at 32
+    (16, 128, 16, 128),   # B1 H16: 128 at 16
+    (1, 128, 16, 128),    # never below 16 columns
+    (4, 64, 16, 64),      # V narrower than the widest block
+])
+def test_walk_value_block_narrows_for_few_heads(batch_heads, dv, gpu_block, tpu_block):
+  assert chunked.walk_value_block(gpu, 64, batch_heads, dv) == gpu_block
+  assert chunked.walk_value_block(tpu, tpu.STATE_VALUE_BLOCK, batch_heads, dv) == tpu_block
+  assert batch_heads * dv // gpu_block >= gpu.MIN_WALK_PROGRAMS or gpu_block == 16
+
+
 @pytest.mark.parametrize("blocks", [BlockSizes(chunk=48, value=64), BlockSizes(value=48),
                                     BlockSizes(value=256)])
 def test_illegal_blocks_raise(key, blocks):
