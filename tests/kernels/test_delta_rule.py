@@ -166,6 +166,20 @@ def test_walk_value_block_narrows_for_few_heads(batch_heads, dv, gpu_block, tpu_
   assert batch_heads * dv // gpu_block >= gpu.MIN_WALK_PROGRAMS or gpu_block == 16
 
 
+@pytest.mark.parametrize("dtype, width, programs, stages", [
+    (jnp.bfloat16, 128, 128, 3),   # one program per SM: prefetch deeper
+    (jnp.bfloat16, 128, 256, 2),   # two programs per SM hide each other's loads
+    (jnp.bfloat16, 256, 64, 2),    # three stages of 512-byte rows overflow shared memory
+    (jnp.float32, 128, 64, 2),
+    (jnp.float32, 256, 64, 1),
+    (jnp.bfloat16, 128, None, 2),  # not a walk
+])
+def test_pipeline_stages_deepen_only_for_narrow_walks_of_few_programs(dtype, width, programs,
+                                                                      stages):
+  rows = jax.ShapeDtypeStruct((1, 64, 1, width), dtype)
+  assert gpu.pipeline_stages(rows, rows, programs=programs) == stages
+
+
 @pytest.mark.parametrize("blocks", [BlockSizes(chunk=48, value=64), BlockSizes(value=48),
                                     BlockSizes(value=256)])
 def test_illegal_blocks_raise(key, blocks):
