@@ -3,9 +3,9 @@
 One program per (batch, head) walks the chunks in order with W and S of every layer on
 chip (`forward`), or in reverse with their cotangents (`backward`), the per-chunk math in
 `mlp_common`. Arrays are heads first, [B, H, T, D], as in `memjax.kernels.titans.gpu`.
-The state of one head is large for registers (see `mlp_common`): this body lowers
-through Triton and runs interpreted on a CPU, but has not yet been compiled or timed on
-a GPU, so `implementation=None` does not choose it.
+The state of one head is large for registers (see `mlp_common`): on an H100 this body
+compiled only for small states (`mlp_common.GPU_STATE_LIMIT`) and ran slower than the
+xla form, so `implementation=None` does not choose it.
 """
 
 import functools
