@@ -56,20 +56,6 @@ def _pad_time(x, front, back, fill):
   return jnp.pad(x, pad, constant_values=fill)
 
 
-def _exact_float32():
-  """The precision of the coefficients' [C, C] matmuls: float32 accuracy whatever the inputs.
-
-  On a GPU, three TF32 products (TF32x3, relative error about 1e-6, as the kernels'
-  float32 matmuls) on the tensor cores: full float32 runs on the CUDA cores, where the
-  backward's three batched 64 x 64 x 64 matmuls took 0.53 ms of a 4.1 ms bfloat16
-  neural-memory forward and backward (H100, B8-T4096-H16, chunk 64), 0.42 ms as TF32x3.
-  Elsewhere full float32.
-  """
-  if jax.default_backend() == "gpu":
-    return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-  return lax.Precision.HIGHEST
-
-
 @jax.custom_vjp
 def _range_products(gate):
   """The products of gates over token ranges, exact where a gate is 0.
@@ -120,7 +106,7 @@ def _range_products_bwd(res, cotangents):
   pad = [(0, 0)] * (p.ndim - 2)
   p_before = jnp.pad(p[..., :-1, :], pad + [(1, 0), (0, 0)])  # row j: P_{j-1,s}; row 0: 0
   e_before = jnp.pad(e[..., :-1], pad + [(1, 0)], constant_values=1.0)  # E_{j-1}
-  split = jnp.einsum("...ts,...js->...tj", g_p, p_before, precision=_exact_float32())
+  split = jnp.einsum("...ts,...js->...tj", g_p, p_before, precision=lax.Precision.HIGHEST)
   split = split + g_e[..., :, None] * e_before[..., None, :]
   return (jnp.sum(p * split, axis=-2),)
 
@@ -142,7 +128,7 @@ def _coefficients(eta, decay, mask):
   Returns:
     `(P, Q, E, B, D)`: P, Q [B, H, N, C, C] (rows t, columns s); E, B, D [B, H, N, C].
   """
-  hi = _exact_float32()
+  hi = lax.Precision.HIGHEST
   p, e = _range_products(eta)
   a, d = _range_products(decay)
   q = jnp.einsum("...tr,...rs->...ts", a, mask[..., None] * p, precision=hi)
